@@ -1,0 +1,179 @@
+"""Multi-view evaluation of a MultiTrain checkpoint, each dataset scored with its own head.
+
+    python eval.py --ckpt runs/multi/ckpt_00012345.pt [--cfg FILE] [key=value ...]
+
+Softmax scores are averaged over each video's temporal x spatial views (3x3 by default, set per
+dataset with data.datasets.N.test_views). Results go to eval.json beside the checkpoint and to
+TensorBoard; with a ground-truth relations file (the synthetic demo) it also reports how many
+true cross-dataset relations the learned projection heads rank first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import runtime
+from config import Config, ConfigError, config_from_dict, load_config
+from dali_pipes import build_eval_loader
+from models import projection_argmax, projection_pairs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True,
+                   help="training checkpoint (ckpt_*.pt), model_inference.pt, or a run directory (its latest checkpoint)")
+    p.add_argument("--cfg", default=None, help="YAML config; default: the config stored in the checkpoint")
+    p.add_argument("--out", default=None, help="eval.json path; default: beside the checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.datasets.0.test_views=[5,1]")
+    return p.parse_args(argv)
+
+
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of videos whose label is among the k best classes. scores (N, C), labels (N,)."""
+    k_max = min(max(ks), scores.shape[1])
+    top = scores.topk(k_max, dim=1).indices  # (N, k_max)
+    hit = top == labels[:, None]  # (N, k_max)
+    return [int(hit[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
+
+
+def view_averaged_scores(logits: torch.Tensor, views: int) -> torch.Tensor:
+    """(N·V, C) logits of V views per video → (N, C) softmax averaged over the views."""
+    probs = logits.float().softmax(dim=1)
+    return probs.view(-1, views, probs.shape[1]).mean(dim=1)
+
+
+@torch.no_grad()
+def evaluate_dataset(model, cfg: Config, env: runtime.Env, name: str, num_frames: int, crop: int) -> dict:
+    loader = build_eval_loader(cfg, name, num_frames=num_frames, crop_size=crop, rank=env.rank,
+                               world_size=env.world_size, device=env.device)
+    precision = runtime.resolve_precision(cfg, env.device)
+    counts = torch.zeros(3, dtype=torch.float64)  # videos, top-1 hits, top-5 hits
+    t0 = time.perf_counter()
+    for batch in loader:
+        video, labels = batch.video, batch.labels  # (N, V, 3, T, H, W), (N,)
+        n, v = video.shape[:2]
+        with runtime.autocast(precision, env.device):
+            logits = model(video.flatten(0, 1))["logits"][name]  # (N·V, C)
+        scores = view_averaged_scores(logits, v)  # (N, C)
+        top1, top5 = topk_hits(scores, labels.to(scores.device))
+        counts += torch.tensor([n, top1, top5], dtype=torch.float64)
+        if env.is_main and int(counts[0]) % 50 < n:
+            rate = counts[0] / (time.perf_counter() - t0)
+            print(f"  eval {name}: {int(counts[0])} videos ({rate:.1f} videos/s)", flush=True)
+    loader.close()
+    if env.distributed:
+        counts = counts.to(env.device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    videos = int(counts[0])
+    return {"top1": float(counts[1] / max(videos, 1)), "top5": float(counts[2] / max(videos, 1)),
+            "videos": videos}
+
+
+def relation_report(model, classes: dict, relations_path: str) -> dict:
+    """The top-5 pairs of every projection W_{s→d} and, given true relations, how many are found.
+
+    A true relation "source class i of s relates to target classes T of d" counts as recovered when
+    the largest weight in column i of W_{s→d} belongs to a class in T.
+    """
+    if not getattr(model, "has_projections", True) or len(classes) < 2:
+        return {}
+    try:
+        pairs = projection_pairs(model, classes, k=5)
+    except (AttributeError, KeyError):
+        return {}
+    report = {"pairs": {k: [[s, t, round(float(w), 6)] for s, t, w in rows] for k, rows in pairs.items()}}
+    if relations_path:
+        with open(relations_path) as f:
+            truth = json.load(f)
+        best = projection_argmax(model)
+        found, missed = 0, []
+        for rel in truth:
+            s, d = rel["source"], rel["target"]
+            i = classes[s].index(rel["source_class"])
+            predicted = classes[d][int(best[(s, d)][i])]
+            if predicted in rel["target_classes"]:
+                found += 1
+            else:
+                missed.append(f"{s}:{rel['source_class']} -> {d}:{predicted}")
+        report.update({"recovered": found, "total": len(truth), "missed": missed})
+    return report
+
+
+def evaluate(model, cfg: Config, env: runtime.Env, num_frames: int, crop: int, classes: dict) -> dict:
+    """Scores every dataset that has a val_manifest; the result is what eval.json holds."""
+    model.eval()
+    results = {"datasets": {}}
+    for ds in cfg.data.datasets:
+        if ds.val_manifest:
+            results["datasets"][ds.name] = evaluate_dataset(model, cfg, env, ds.name, num_frames, crop)
+            r = results["datasets"][ds.name]
+            runtime.log(env, f"{ds.name}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
+                             f"({r['videos']} videos, {ds.test_views[0]}x{ds.test_views[1]} views)")
+    results["relations"] = relation_report(model, classes, cfg.data.relations)
+    rel = results["relations"]
+    if "total" in rel:
+        runtime.log(env, f"relations recovered by the projection heads: {rel['recovered']}/{rel['total']}")
+    return results
+
+
+def write_eval_summaries(tb, results: dict, step: int) -> None:
+    for name, r in results["datasets"].items():
+        tb.add_scalar(f"val/{name}/top1", r["top1"], step)
+        tb.add_scalar(f"val/{name}/top5", r["top5"], step)
+    if "total" in results.get("relations", {}):
+        tb.add_scalar("val/relations_recovered", results["relations"]["recovered"], step)
+    tb.flush()
+
+
+def model_from_checkpoint(state: dict, cfg: Config) -> torch.nn.Module:
+    """Rebuilds the trained model; an inference export has no projection heads or expander."""
+    classes = state["meta"]["classes"]
+    model = runtime.build_model(cfg, {k: len(v) for k, v in classes.items()},
+                                projections=not state.get("inference", False))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.path.isdir(args.ckpt):
+        run_dir = args.ckpt
+        args.ckpt, state = runtime.latest_checkpoint(run_dir)
+        if state is None:
+            raise ConfigError(f"--ckpt: no checkpoint in run directory {run_dir}")
+    elif os.path.isfile(args.ckpt):
+        state = runtime.load_checkpoint(args.ckpt)
+    else:
+        raise ConfigError(f"--ckpt {args.ckpt}: no such checkpoint or run directory")
+    cfg = load_config(args.cfg, args.overrides) if args.cfg else \
+        config_from_dict(state["config"], args.overrides)
+    env = runtime.setup_env()
+    model = model_from_checkpoint(state, cfg).to(env.device)
+    meta = state["meta"]
+    results = evaluate(model, cfg, env, meta["num_frames"], meta["crop_size"], meta["classes"])
+    results["checkpoint"] = os.path.abspath(args.ckpt)
+    if env.is_main:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json")
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(os.path.join(os.path.dirname(out), "tb")) as tb:
+            write_eval_summaries(tb, results, int(state.get("step", 0)))
+        print(f"wrote {out}")
+    runtime.teardown_env(env)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,189 @@
+"""What train.py, eval.py and bench.py share: process setup, the model builder, precision and
+checkpoint files. Keeping it here means the three entry points build exactly the same model from
+the same config and read each other's checkpoints.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from config import Config, clip_frames, crop_size
+from models import MultiTrainModel, build_backbone, load_pyslowfast
+
+CKPT_PATTERN = "ckpt_{step:08d}.pt"
+_CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_env() -> Env:
+    """Joins the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return Env(rank, world, local_rank, device)
+
+
+def teardown_env(env: Env) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def log(env: Env, *msg) -> None:
+    if env.is_main:
+        print(*msg, flush=True)
+
+
+# ---------------------------------------------------------------- precision
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """bf16 where the GPU supports it, fp16 with loss scaling on older GPUs, fp32 on CPU."""
+    p = cfg.train.precision
+    if p != "auto":
+        if p == "fp16" and device.type != "cuda":
+            raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return p
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(cfg: Config, num_classes: dict, projections: bool = True) -> MultiTrainModel:
+    """The backbone of cfg.model plus one head per dataset, the expander and the projections."""
+    overrides = dict(cls_embed=cfg.model.cls_embed, rel_pos=cfg.model.rel_pos,
+                     drop_path=cfg.model.drop_path, act_checkpoint=cfg.model.act_checkpoint,
+                     skip_from_norm=cfg.model.skip_from_norm)
+    if cfg.model.num_frames:
+        overrides["num_frames"] = cfg.model.num_frames
+    if cfg.model.crop_size:
+        overrides["crop_size"] = cfg.model.crop_size
+    backbone = build_backbone(cfg.model.arch, **overrides)
+    return MultiTrainModel(backbone, num_classes, head_hidden=cfg.model.head_hidden,
+                           head_dropout=cfg.model.head_dropout,
+                           expander_hidden=cfg.model.expander_hidden,
+                           expander_dim=cfg.model.expander_dim, projections=projections)
+
+
+def input_geometry(cfg: Config, model: MultiTrainModel) -> tuple[int, int]:
+    """(frames, crop) the data pipelines must produce for this model."""
+    return clip_frames(cfg, model.backbone.num_frames), crop_size(cfg, model.backbone.crop_size)
+
+
+def init_from_pretrained(cfg: Config, model: MultiTrainModel, env: Env) -> None:
+    if cfg.model.pretrained:
+        report = load_pyslowfast(model, cfg.model.pretrained, skip=("head",))
+        log(env, f"initialised backbone from {cfg.model.pretrained}: {report}")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file then rename: a kill mid-write never leaves a broken `path`."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoints of a run, oldest first (temporary files never match)."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
+        m = _CKPT_RE.match(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(run_dir: str) -> tuple[str, dict] | tuple[None, None]:
+    """Newest checkpoint that loads; unreadable ones (a disk that filled up) are skipped loudly."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, with its reason
+            print(f"warning: skipping unreadable checkpoint {path}: {e}", file=sys.stderr)
+    return None, None
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    for path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        os.remove(path)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class Throughput:
+    """Clips per second over a sliding window of steps."""
+
+    def __init__(self):
+        self.t0, self.n = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def rate_and_reset(self) -> float:
+        now = time.perf_counter()
+        rate = self.n / max(now - self.t0, 1e-9)
+        self.t0, self.n = now, 0
+        return rate
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated so far, in GiB (0 on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,220 @@
+"""train.py / eval.py end to end on the synthetic demo data: real videos decoded by DALI, the tiny
+MViTv2, real checkpoints and TensorBoard files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime
+from config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+FAST = ["data.num_threads=1", "data.fallback_workers=1", "train.log_every=1", "optim.epochs=2"]
+NO_VAL = [f"data.datasets.{i}.val_manifest=" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """A small copy of the demo data: 2 training and 1 validation video per class."""
+    from dali_pipes.synthetic import prepare_demo
+    root = tmp_path_factory.mktemp("demo")
+    prepare_demo(root / "demo_data", videos_per_class=2, val_per_class=1, progress=False)
+    return root
+
+
+def run(cmd, cwd, timeout=600, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def metrics(run_dir: Path) -> dict:
+    """step -> record; a resumed run's later line for a step wins."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec
+    return out
+
+
+def test_two_process_gloo_training_then_eval(demo_root):
+    run_dir = demo_root / "runs" / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), "--cfg", str(DEMO), f"train.output_dir={run_dir}", "train.max_steps=3",
+           "data.batch_size=2", "optim.global_batch=8", *FAST]
+    r = run(cmd, demo_root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout and "2x2x2 = 8" in r.stdout  # batch 2 x 2 ranks x 2 accumulated
+
+    ckpts = runtime.list_checkpoints(str(run_dir))
+    assert [os.path.basename(p) for p in ckpts] == ["ckpt_00000003.pt"]
+    state = runtime.load_checkpoint(ckpts[-1])  # weights_only=True
+    assert state["step"] == 3 and state["loader"] == {"epoch": 0, "step": 6}
+    assert set(state["meta"]["classes"]) == {"shapecolor", "shape", "color", "direction"}
+    assert any(k.startswith("proj") or ".proj" in k for k in state["model"])
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "model_inference.pt").is_file()
+    steps = metrics(run_dir)
+    assert sorted(steps) == [1, 2, 3]
+    assert all(k in steps[1] for k in ("loss/total", "loss/inf", "loss/proj", "lr", "grad_norm",
+                                       "perf/clips_per_s", "perf/data_wait_frac", "data/quarantined"))
+
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert set(result["datasets"]) == {"shapecolor", "shape", "color", "direction"}
+    # One validation video per class, sharded over 2 ranks and summed back.
+    assert {k: v["videos"] for k, v in result["datasets"].items()} == \
+        {"shapecolor": 9, "shape": 3, "color": 3, "direction": 4}
+    for v in result["datasets"].values():
+        assert 0.0 <= v["top1"] <= v["top5"] <= 1.0
+    rel = result["relations"]
+    assert rel["total"] == 24 and 0 <= rel["recovered"] <= 24
+    assert len(rel["pairs"]) == 12 and all(len(rows) == 5 for rows in rel["pairs"].values())
+
+    # eval.py on the run directory with other views and the inference export.
+    out = demo_root / "eval_views.json"
+    r = run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(run_dir), "--out", str(out),
+             "data.datasets.0.test_views=[3,1]", "data.datasets.1.val_manifest="], demo_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert set(again["datasets"]) == {"shapecolor", "color", "direction"}
+    assert again["datasets"]["shapecolor"]["videos"] == 9
+    r = run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(run_dir / "model_inference.pt"),
+             "--out", str(out)], demo_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text())["relations"] == {}  # projections are not exported
+
+
+def test_resume_after_sigterm_reproduces_uninterrupted_losses(demo_root):
+    common = [sys.executable, str(ROOT / "train.py"), "--cfg", str(DEMO), "train.max_steps=10",
+              "data.batch_size=4", "optim.global_batch=4", "model.head_dropout=0.3",
+              "data.rand_aug_n=2", "data.mixup_prob=1.0", "train.ckpt_every=1000", *FAST, *NO_VAL]
+    straight = demo_root / "runs" / "straight"
+    r = run(common + [f"train.output_dir={straight}"], demo_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    cut = demo_root / "runs" / "cut"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(common + [f"train.output_dir={cut}"], cwd=demo_root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (cut / "metrics.jsonl").is_file() and len(metrics(cut)) >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop signal" in out
+    stopped_at = runtime.load_checkpoint(runtime.list_checkpoints(str(cut))[-1])["step"]
+    assert 2 <= stopped_at < 10
+
+    r = run(common + [f"train.output_dir={cut}"], demo_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from" in r.stdout and f"at step {stopped_at}" in r.stdout
+    a, b = metrics(straight), metrics(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    for step in a:
+        assert b[step]["loss/total"] == pytest.approx(a[step]["loss/total"], rel=1e-5, abs=1e-6), step
+
+
+def test_partial_checkpoint_is_never_latest(tmp_path, monkeypatch):
+    runtime.atomic_save({"step": 2}, str(tmp_path / "ckpt_00000002.pt"))
+
+    def dies_mid_write(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.atomic_save({"step": 4}, str(tmp_path / "ckpt_00000004.pt"))
+    monkeypatch.undo()
+    assert not (tmp_path / "ckpt_00000004.pt").exists()
+    # A broken file under a final name (e.g. copied by hand from a full disk) is skipped too.
+    (tmp_path / "ckpt_00000006.pt").write_bytes(b"truncated")
+    path, state = runtime.latest_checkpoint(str(tmp_path))
+    assert path.endswith("ckpt_00000002.pt") and state == {"step": 2}
+
+
+def test_view_averaging_and_topk_by_hand():
+    from eval import topk_hits, view_averaged_scores
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0],   # video 0: views disagree
+                           [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # video 1
+    scores = view_averaged_scores(logits, views=2)
+    e2, e3 = torch.e ** 2, torch.e ** 3
+    expected0 = (torch.tensor([e2, 1, 1]) / (e2 + 2) + torch.tensor([1, 1, e3]) / (e3 + 2)) / 2
+    assert torch.allclose(scores[0], expected0, atol=1e-6)
+    assert scores[0].argmax() == 2  # the confident view wins after softmax averaging
+    assert topk_hits(scores, torch.tensor([0, 1]), ks=(1, 2)) == [1, 2]
+
+
+def test_lr_schedule_warmup_then_cosine(tmp_path):
+    from train import lr_at
+    cfg = load_config(ROOT / "configs" / "multi.yaml", check_paths=False)
+    spe, total = 100, 50 * 100
+    assert lr_at(cfg, 0, spe, total) == pytest.approx(2e-6)
+    assert lr_at(cfg, 500, spe, total) == pytest.approx(2e-6 + (2e-4 - 2e-6) * 0.5)
+    assert lr_at(cfg, 1000, spe, total) == pytest.approx(2e-4)
+    assert lr_at(cfg, 3000, spe, total) == pytest.approx(2e-6 + (2e-4 - 2e-6) * 0.5)
+    assert lr_at(cfg, total, spe, total) == pytest.approx(2e-6)
+
+
+def test_no_weight_decay_on_biases_norms_and_tables():
+    from train import param_groups
+    cfg = load_config(DEMO, check_paths=False)
+    model = runtime.build_model(cfg, {"a": 3, "b": 2})
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert any("pos_embed" in n for n in skipped) and any(n.endswith(".bias") for n in skipped)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_apex_missing_gives_clear_error():
+    pytest.importorskip("torch")
+    try:
+        import apex.optimizers  # noqa: F401
+        pytest.skip("NVIDIA apex is installed here")
+    except ImportError:
+        pass
+    from train import build_optimizer
+    cfg = load_config(DEMO, ["optim.impl=apex"], check_paths=False)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="NVIDIA apex.*optim.impl=torch"):
+        build_optimizer(cfg, model, torch.device("cpu"))
+
+
+def test_nonfinite_step_is_skipped_and_too_many_stop_the_run():
+    from dali_pipes import MixupCutmix
+    from models import MultiTrainLoss
+    from train import build_optimizer, check_nonfinite, train_step
+    cfg = load_config(DEMO, check_paths=False)
+    torch.manual_seed(0)
+    classes = {"a": 3, "b": 2}
+    model = runtime.build_model(cfg, classes)
+    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    mix = MixupCutmix(classes, 0.0, 0.0, 0.0, 0.5, 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    class B:  # a batch whose clip holds a NaN, as a broken decode could
+        video = torch.randn(2, 3, 8, 64, 64)
+        dataset_ids = torch.tensor([0, 1])
+        labels = torch.tensor([2, 1])
+    B.video[0, 0, 0, 0, 0] = float("nan")
+    loss, _, _, applied = train_step(model, MultiTrainLoss(list(classes)), [B], mix, opt, scaler, cfg,
+                                     "fp32", torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert not applied
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    env = runtime.Env(0, 1, 0, torch.device("cpu"))
+    assert check_nonfinite(env, cfg, 5, False, 3) == 4
+    assert check_nonfinite(env, cfg, 6, True, 4) == 0
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        check_nonfinite(env, cfg, 7, False, cfg.train.max_nonfinite)
