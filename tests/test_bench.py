@@ -1,0 +1,43 @@
+"""bench.py smoke run on CPU: the tiny preset, the demo data, a few iterations of every mode."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from dali_pipes.synthetic import prepare_demo
+    root = tmp_path_factory.mktemp("bench")
+    prepare_demo(root / "demo_data", videos_per_class=2, val_per_class=1, progress=False)
+    return root
+
+
+def test_bench_all_modes_write_json_and_chart(demo_root):
+    out = demo_root / "out"
+    cmd = [sys.executable, str(ROOT / "bench.py"), "--cfg", str(ROOT / "configs" / "demo.yaml"),
+           "--mode", "data,data-peer,model,e2e", "--iters", "3", "--warmup", "1", "--peer-workers", "1",
+           "--out", str(out), "data.batch_size=4", "data.num_threads=1"]
+    r = subprocess.run(cmd, cwd=demo_root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    res = report["results"]
+    assert set(res) == {"data", "data-peer", "model", "e2e"}
+    assert all(res[m]["clips_per_s"] > 0 for m in res)
+    assert res["data"]["ratio_vs_peer"] == pytest.approx(res["data"]["clips_per_s"] / res["data-peer"]["clips_per_s"])
+    assert res["data"]["frames_per_s"] == pytest.approx(res["data"]["clips_per_s"] * 8)
+    m = res["model"]
+    # achieved TFLOP/s follows from clips/s and the counted forward multiply-adds (x2 flops, x3 train)
+    assert m["tflops"] == pytest.approx(m["clips_per_s"] * 6 * m["gmacs_per_clip"] * 1e9 / 1e12)
+    assert 0 < m["mfu"] == pytest.approx(m["tflops"] / m["peak_tflops"])
+    assert 0.0 <= res["e2e"]["data_wait_frac"] <= 1.0
+    assert report["versions"]["torch"] and report["versions"]["dali"] and report["device"]
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert "clips/s" in r.stdout
