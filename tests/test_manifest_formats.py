@@ -1,0 +1,359 @@
+"""build_manifest on each official annotation format, broken files and the probe cache."""
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dali_pipes.manifest import (ManifestError, append_quarantine, build_manifest,
+                                 load_manifest, read_class_file, ssv2_class_name)
+
+# Small, quick-to-probe real clips (each decodes in a few ms).
+CLIP = "carphone_qcif_176x144.mp4"
+CLIP2 = "k400_pool_cleaning_1s_32f.mp4"
+WEBM = "derived_juggle_vp9.webm"
+
+
+def _link(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(src, dst)
+    return dst
+
+
+def _read(out: Path):
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    quarantine = [json.loads(line) for line in
+                  (out / "quarantine.jsonl").read_text().splitlines()]
+    return manifest, quarantine
+
+
+def _build(*args, **kwargs):
+    kwargs.setdefault("workers", 1)
+    kwargs.setdefault("progress", False)
+    return build_manifest(*args, **kwargs)
+
+
+def _assert_balanced(summary, out):
+    manifest, quarantine = _read(out)
+    assert summary["num_rows"] == len(manifest) + len(quarantine)
+    assert (summary["num_samples"], summary["num_quarantined"]) == (len(manifest),
+                                                                    len(quarantine))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_samples"] == len(manifest)
+    assert meta["num_quarantined"] == len(quarantine)
+    return manifest, quarantine
+
+
+# ---------------------------------------------------------------- kinetics
+
+def test_kinetics(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    nested = _link(shared_videos / CLIP, root / "arm wrestling" / "abc_000010_000020.mp4")
+    flat = _link(shared_videos / WEBM, root / "xyz-_12_000003_000013.webm")
+    _link(shared_videos / CLIP2, root / "zumba" / "val1_000000_000010.mp4")
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\n"
+                   "arm wrestling,abc,10,20,train\n"
+                   "zumba,xyz-_12,3.0,13.0,train\n"        # float times, flat layout
+                   "abseiling,gone,0,10,train\n"           # file missing
+                   "zumba,val1,0,10,val\n")                # other split: not counted
+    out = tmp_path / "m"
+    summary = _build("kinetics", csv, root, out, split="train")
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert summary["num_rows"] == 3
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes == ["abseiling", "arm wrestling", "zumba"]  # sorted, all splits
+    assert [(m["path"], m["label"], m["class_name"]) for m in manifest] == [
+        (str(nested), 1, "arm wrestling"), (str(flat), 2, "zumba")]
+    assert manifest[0]["start"] is None and manifest[0]["probe"]["num_frames"] == 120
+    assert len(quarantine) == 1 and "not found" in quarantine[0]["reason"]
+    assert "gone_000000_000010" in quarantine[0]["reason"]
+    assert quarantine[0]["source"] == "manifest"
+
+
+def test_kinetics_labels_file_and_unknown_label(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    _link(shared_videos / CLIP, root / "b" / "v1_000000_000010.mp4")
+    _link(shared_videos / CLIP, root / "c" / "v2_000000_000010.mp4")
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\n"
+                   "b,v1,0,10,train\nc,v2,0,10,train\n")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    out = tmp_path / "m"
+    summary = _build("kinetics", csv, root, out, labels=labels)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert [m["label"] for m in manifest] == [1]
+    assert "'c' is not in the class list" in quarantine[0]["reason"]
+
+
+def test_kinetics_bad_header(tmp_path):
+    csv = tmp_path / "k.csv"
+    csv.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(ManifestError, match="youtube_id"):
+        _build("kinetics", csv, tmp_path, tmp_path / "m")
+
+
+# ---------------------------------------------------------------- ssv2
+
+def test_ssv2(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    _link(shared_videos / WEBM, root / "1.webm")
+    _link(shared_videos / WEBM, root / "2.webm")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"Pushing something from left to right": "1",
+                                  "Holding something": 0}))
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps([
+        {"id": "1", "label": "pushing a cup from left to right",
+         "template": "Pushing [something] from left to right", "placeholders": ["a cup"]},
+        {"id": "2", "label": "holding a pen", "template": "Holding [something]",
+         "placeholders": ["a pen"]},
+        {"id": "3", "label": "holding x", "template": "Holding [something]",
+         "placeholders": ["x"]},                                  # no file
+        {"id": "1", "template": "Juggling [something]"},          # unknown template
+        {"id": "2"},                                              # test-set row, no label
+    ]))
+    out = tmp_path / "m"
+    summary = _build("ssv2", ann, root, out, labels=labels)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert json.loads((out / "classes.json").read_text()) == [
+        "Holding something", "Pushing something from left to right"]
+    assert [(Path(m["path"]).name, m["label"]) for m in manifest] == [("1.webm", 1),
+                                                                      ("2.webm", 0)]
+    reasons = [q["reason"] for q in quarantine]
+    assert len(reasons) == 3
+    assert any("not found" in r for r in reasons)
+    assert any("Juggling something" in r for r in reasons)
+    assert any("no label" in r for r in reasons)
+    # ssv2 shares one file between rows; it is probed once.
+    assert summary["probed"] == 2
+
+
+def test_ssv2_template_normalisation():
+    assert ssv2_class_name("Putting [something] on top of [something]") == \
+        "Putting something on top of something"
+    assert ssv2_class_name("Moving [part] of [something]") == "Moving part of something"
+
+
+def test_ssv2_needs_labels(tmp_path):
+    (tmp_path / "a.json").write_text("[]")
+    with pytest.raises(ManifestError, match="--labels"):
+        _build("ssv2", tmp_path / "a.json", tmp_path, tmp_path / "m")
+
+
+# ---------------------------------------------------------------- moments in time
+
+@pytest.mark.parametrize("header", [False, True])
+@pytest.mark.parametrize("category_style", ["name,index", "name"])
+def test_mit(shared_videos, tmp_path, header, category_style):
+    root = tmp_path / "videos"
+    _link(shared_videos / CLIP, root / "clapping" / "a.mp4")
+    _link(shared_videos / CLIP2, root / "running" / "b.mp4")
+    cats = tmp_path / "moments_categories.txt"
+    if category_style == "name,index":
+        cats.write_text("running,1\nclapping,0\n")  # out of order on purpose
+    else:
+        cats.write_text("clapping\nrunning\n")
+    csv = tmp_path / "trainingSet.csv"
+    csv.write_text(("video,label,agree,disagree\n" if header else "")
+                   + "clapping/a.mp4,clapping,3,0\nrunning/b.mp4,running,2,1\n"
+                   + "running/c.mp4,running,3,0\n"              # missing file
+                   + "clapping/a.mp4,dancing,3,0\n")            # unknown label
+    out = tmp_path / "m"
+    summary = _build("mit", csv, root, out, labels=cats)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert summary["num_rows"] == 4
+    assert json.loads((out / "classes.json").read_text()) == ["clapping", "running"]
+    assert [(Path(m["path"]).name, m["label"], m["class_name"]) for m in manifest] == [
+        ("a.mp4", 0, "clapping"), ("b.mp4", 1, "running")]
+    assert len(quarantine) == 2
+
+
+# ---------------------------------------------------------------- activitynet
+
+def test_activitynet(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    _link(shared_videos / "sam2_juggle_720p24.mp4", root / "v_vidA.mp4")   # 10.29 s
+    _link(shared_videos / CLIP, root / "vidB.mp4")                         # 4.0 s, no v_
+    ann = tmp_path / "activity_net.json"
+    ann.write_text(json.dumps({"version": "1.3", "database": {
+        "vidA": {"subset": "training", "duration": 10.3, "url": "u", "annotations": [
+            {"segment": [1.0, 3.5], "label": "Juggling balls"},
+            {"segment": [5.0, 11.0], "label": "Juggling balls"}]},      # end clamped
+        "vidB": {"subset": "training", "duration": 4.0, "url": "u", "annotations": [
+            {"segment": [0.5, 2.0], "label": "Clapping"},
+            {"segment": [6.0, 8.0], "label": "Clapping"}]},             # after the end
+        "vidC": {"subset": "training", "duration": 3.0, "url": "u", "annotations": [
+            {"segment": [0.0, 1.0], "label": "Clapping"}]},             # no file
+        "vidD": {"subset": "validation", "duration": 3.0, "url": "u", "annotations": [
+            {"segment": [0.0, 1.0], "label": "Zorbing"}]},              # other subset
+    }}))
+    out = tmp_path / "m"
+    summary = _build("activitynet", ann, root, out, split="train")  # alias of training
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert summary["num_rows"] == 5
+    assert json.loads((out / "classes.json").read_text()) == ["Clapping", "Juggling balls",
+                                                              "Zorbing"]
+    got = [(Path(m["path"]).name, m["label"], m["start"], round(m["end"], 2))
+           for m in manifest]
+    assert got == [("v_vidA.mp4", 1, 1.0, 3.5), ("v_vidA.mp4", 1, 5.0, 10.29),
+                   ("vidB.mp4", 0, 0.5, 2.0)]
+    assert sorted(q["reason"].split(" ")[0] for q in quarantine) == ["segment", "video"]
+    assert summary["probed"] == 2
+
+
+# ---------------------------------------------------------------- list + broken files
+
+def test_list_with_real_and_broken_files(shared_videos, tmp_path):
+    real = sorted(p for p in shared_videos.iterdir() if p.suffix in (".mp4", ".webm", ".avi"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.mp4").write_bytes(b"")
+    (bad / "text.mp4").write_text("definitely not a video\n" * 50)
+    for name in ("sam2_juggle_720p24.mp4", "k400_arm_wrestling_340x256.mp4"):
+        data = (shared_videos / name).read_bytes()
+        (bad / f"trunc_{name}").write_bytes(data[: len(data) * 3 // 10])
+    data = bytearray((shared_videos / CLIP).read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = os.urandom(4096)
+    (bad / "garbage.mp4").write_bytes(bytes(data))
+    broken = ["zero.mp4", "text.mp4", "trunc_sam2_juggle_720p24.mp4",
+              "trunc_k400_arm_wrestling_340x256.mp4", "missing.mp4"]
+    lines = [f"{p} {i % 3}" for i, p in enumerate(real)]
+    lines += [f"bad/{name},1" for name in broken] + ["bad/garbage.mp4 2"]
+    ann = tmp_path / "list.txt"
+    ann.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m"
+    summary = _build("list", ann, tmp_path, out, workers=2)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert summary["num_rows"] == len(real) + len(broken) + 1
+    in_manifest = {m["path"] for m in manifest}
+    in_quarantine = {q["path"]: q["reason"] for q in quarantine}
+    assert {str(p) for p in real} <= in_manifest
+    for name in broken:
+        reason = in_quarantine[str(bad / name)]
+        assert reason, name
+    # Garbage in the middle may or may not still decode; it must land in exactly one file.
+    garbage = str(bad / "garbage.mp4")
+    assert (garbage in in_manifest) != (garbage in in_quarantine)
+    if garbage in in_manifest:
+        rec = next(m for m in manifest if m["path"] == garbage)
+        assert rec["probe"]["num_frames"] > 0 and rec["label"] == 2
+    assert json.loads((out / "classes.json").read_text()) == ["0", "1", "2"]
+
+
+def test_list_label_errors(shared_videos, tmp_path):
+    ann = tmp_path / "list.txt"
+    ann.write_text(f"{shared_videos / CLIP} 0\n{shared_videos / CLIP} 5\n"
+                   f"{shared_videos / CLIP} dog\n")
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    out = tmp_path / "m"
+    summary = _build("list", ann, tmp_path, out, labels=names)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert [(m["label"], m["class_name"]) for m in manifest] == [(0, "cat")]
+    assert "outside 0..1" in quarantine[0]["reason"]
+    assert "not an integer" in quarantine[1]["reason"]
+
+
+# ---------------------------------------------------------------- cache
+
+def test_probe_cache_reuse_and_invalidation(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    root.mkdir()
+    for i, name in enumerate((CLIP, CLIP2, WEBM)):
+        shutil.copy(shared_videos / name, root / f"v{i}{Path(name).suffix}")
+    ann = tmp_path / "list.txt"
+    ann.write_text("v0.mp4 0\nv1.mp4 1\nv2.webm 0\nv0.mp4 1\n")  # v0 twice: probed once
+    out = tmp_path / "m"
+    first = _build("list", ann, root, out)
+    assert (first["probed"], first["reused"]) == (3, 0)
+    before = _read(out)
+    second = _build("list", ann, root, out)
+    assert (second["probed"], second["reused"]) == (0, 3)
+    assert _read(out) == before  # cached probes give the same records
+    # Replace one file with different content: only that file is probed again.
+    shutil.copy(shared_videos / "mmpose_street_5fps_5f.mp4", root / "v1.mp4")
+    third = _build("list", ann, root, out)
+    assert (third["probed"], third["reused"]) == (1, 2)
+    manifest, _ = _read(out)
+    assert [m["probe"]["num_frames"] for m in manifest] == [120, 5, 72, 120]
+
+
+# ---------------------------------------------------------------- helpers and CLI
+
+def test_read_class_file_styles(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("b,1\na,0\n")
+    assert read_class_file(f) == ["a", "b"]
+    f.write_text("arm wrestling\nzumba\n")
+    assert read_class_file(f) == ["arm wrestling", "zumba"]
+    f.write_text('["x", "y"]')
+    assert read_class_file(f) == ["x", "y"]
+    f.write_text('{"y": "1", "x": "0"}')
+    assert read_class_file(f) == ["x", "y"]
+    f.write_text("a,0\nb,2\n")
+    with pytest.raises(ManifestError, match="without gaps"):
+        read_class_file(f)
+
+
+def test_load_manifest(shared_videos, tmp_path):
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(err.value)
+    assert "python -m dali_pipes.manifest" in str(err.value)
+    ann = tmp_path / "l.txt"
+    ann.write_text(f"{shared_videos / CLIP} 0\n")
+    _build("list", ann, tmp_path, tmp_path / "m")
+    records, classes = load_manifest(tmp_path / "m")
+    assert classes == ["0"] and records[0]["path"] == str(shared_videos / CLIP)
+
+
+def _append_many(args):
+    directory, worker = args
+    for i in range(50):
+        append_quarantine(directory, f"/v/{worker}_{i}.mp4", "x" * 300, "train")
+
+
+def test_append_quarantine_from_processes(tmp_path):
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_append_many, [(str(tmp_path), w) for w in range(4)])
+    rows = [json.loads(line) for line in (tmp_path / "quarantine.jsonl").read_text()
+            .splitlines()]
+    assert len(rows) == 200
+    assert {r["path"] for r in rows} == {f"/v/{w}_{i}.mp4" for w in range(4) for i in range(50)}
+    assert all(r["source"] == "train" and r["reason"] == "x" * 300 for r in rows)
+
+
+def test_rebuild_keeps_training_quarantine_rows(shared_videos, tmp_path):
+    ann = tmp_path / "l.txt"
+    ann.write_text(f"{shared_videos / CLIP} 0\n{tmp_path / 'missing.mp4'} 0\n")
+    out = tmp_path / "m"
+    _build("list", ann, tmp_path, out)
+    append_quarantine(out, "/some/clip.mp4", "decoder failed", "dali")
+    _build("list", ann, tmp_path, out)
+    _, quarantine = _read(out)
+    assert sorted(q["source"] for q in quarantine) == ["dali", "manifest"]
+
+
+def test_cli(shared_videos, tmp_path):
+    ann = tmp_path / "l.txt"
+    ann.write_text(f"{shared_videos / CLIP},0\n")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    ok = subprocess.run([sys.executable, "-m", "dali_pipes.manifest", "list", "--annotations",
+                         str(ann), "--root", str(tmp_path), "--out", str(tmp_path / "m"),
+                         "--workers", "1"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["num_samples"] == 1
+    assert "probing 1/1" in ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "dali_pipes.manifest", "kinetics",
+                          "--annotations", str(tmp_path / "nope.csv"), "--root",
+                          str(tmp_path), "--out", str(tmp_path / "m2")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "nope.csv" in bad.stderr
