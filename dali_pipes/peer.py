@@ -1,0 +1,105 @@
+"""The throughput peer: PyAV decoding + torch augmentation in a torch DataLoader.
+
+It produces the same clips as the DALI training graph, from the same per-sample parameters
+(`TrainLoader.make_item`): decode the sampled frames, resize the short side to the drawn size,
+crop, RandAugment (`randaug.apply_torch`), flip, normalise to (3, T, crop, crop).
+Used by tools/data_throughput.py and bench.py --mode data-peer.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dali_pipes import randaug
+from dali_pipes.decode_av import decode_frames
+
+
+def augment_clip(frames: np.ndarray, params: dict, crop: int, mean: Sequence[float],
+                 std: Sequence[float], geom_interp: str = "nn") -> torch.Tensor:
+    """uint8 (T, H, W, 3) frames + draw_train_params output -> float (3, T, crop, crop)."""
+    t, h, w, _ = frames.shape
+    # The conventional order: whole frame to the drawn short side, then the crop (the DALI
+    # graph gets the same pixels by resampling only the crop window).
+    (y0, x0), (y1, x1) = params["roi_start"], params["roi_end"]
+    rh, rw = round(crop / (y1 - y0)), round(crop / (x1 - x0))  # resized frame size
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False)
+    oy, ox = min(round(y0 * rh), rh - crop), min(round(x0 * rw), rw - crop)
+    x = x[:, :, oy:oy + crop, ox:ox + crop]
+    if "ra_do_affine" in params:
+        x = randaug.apply_torch(x, params, geom_interp)  # (T, 3, crop, crop)
+    if int(params["mirror"]):
+        x = x.flip(-1)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x.round().clamp(0, 255) - m) / s).permute(1, 0, 2, 3).contiguous()
+
+
+class PeerDataset(torch.utils.data.Dataset):
+    """Sample k -> augmented clip, from `make_item(k)` (an object with .record, .indices,
+    .params), so the peer decodes the same frames with the same parameters as DALI."""
+
+    def __init__(self, make_item: Callable, num_samples: int, crop: int, mean, std,
+                 geom_interp: str = "nn"):
+        self.make_item, self.num_samples, self.geom_interp = make_item, num_samples, geom_interp
+        self.crop, self.mean, self.std = crop, mean, std
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        it = self.make_item(k)
+        probe = it.record["probe"]
+        frames = decode_frames(it.record["path"], it.indices, int(probe.get("stream_index", 0)),
+                               rotation=int(probe.get("rotation", 0) or 0))
+        return augment_clip(frames, it.params, self.crop, self.mean, self.std, self.geom_interp)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # one core per worker, as a DataLoader worker usually runs
+
+
+def peer_loader(dataset: PeerDataset, batch_size: int, workers: int = 2):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                       worker_init_fn=_one_thread, persistent_workers=False,
+                                       prefetch_factor=2 if workers else None)
+
+
+def measure_peer(dataset: PeerDataset, batch_size: int, workers: int = 2,
+                 warmup_batches: int = 2) -> dict:
+    """Clips/s of the peer over the whole dataset after `warmup_batches` batches."""
+    n, t0 = 0, None
+    for i, batch in enumerate(peer_loader(dataset, batch_size, workers)):
+        if i == warmup_batches:
+            t0, n = time.perf_counter(), 0
+        n += batch.shape[0]
+    elapsed = time.perf_counter() - t0
+    return {"clips": n, "seconds": elapsed, "clips_per_s": n / elapsed}
+
+
+def peer_throughput(cfg, num_frames: int, crop_size: int, batches: int = 10, warmup: int = 2,
+                    workers: int = 2) -> dict:
+    """Clips/s of the peer on the training manifests of `cfg`, with the DALI loader's sampling
+    and augmentation parameters (bench.py --mode data-peer)."""
+    from dali_pipes.loader import build_train_loader
+
+    loader = build_train_loader(cfg, num_frames, crop_size)  # sampler + parameters only
+    order = loader.sampler.global_order(0)
+    bs = cfg.data.batch_size
+
+    def make_item(k, size=len(order)):
+        d, v, s = order[k % size]
+        return loader.make_item(k // size, int(d), int(v), int(s))
+
+    data = PeerDataset(make_item, (batches + warmup) * bs, crop_size, cfg.data.mean,
+                       cfg.data.std, loader.geom_interp)
+    try:
+        result = measure_peer(data, bs, workers, warmup)
+    finally:
+        loader.close()
+    result.update(batch=bs, geom_interp=loader.geom_interp)
+    return result

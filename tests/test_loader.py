@@ -1,0 +1,187 @@
+"""Training/eval loaders end to end on CPU with hand-written manifests of the real clips."""
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config import config_from_dict
+from dali_pipes.loader import build_eval_loader, build_train_loader
+
+T, CROP = 4, 32
+
+# probe fields of the real clips (values from ../shared/videos/README.md and PyAV)
+CLIPS = {
+    "derived_juggle_vp9.webm": ("vp9", "yuv420p", 640, 360, 72, 24.0),
+    "derived_juggle_mjpeg.avi": ("mjpeg", "yuvj420p", 480, 270, 72, 24.0),
+    "bbb_vp8_vorbis_1s.webm": ("vp8", "yuv420p", 1280, 720, 24, 24.0),
+    "k400_arm_wrestling_340x256.mp4": ("h264", "yuv420p", 340, 256, 280, 28.0),
+    "carphone_qcif_176x144.mp4": ("h264", "yuv420p", 176, 144, 120, 29.97),
+    "ucf101_apply_eye_makeup_xvid_mp3.avi": ("mpeg4", "yuv420p", 320, 240, 164, 25.0),
+    "derived_juggle_portrait_360x640.mp4": ("h264", "yuv420p", 360, 640, 72, 24.0),
+}
+
+
+@pytest.fixture
+def videos(shared_videos):
+    return shared_videos
+
+
+def probe(codec, pix_fmt, w, h, n, fps, path):
+    return {"container": "x", "codec": codec, "pix_fmt": pix_fmt, "width": w, "height": h,
+            "rotation": 0, "num_frames": n, "fps": fps, "duration": n / fps, "vfr": False,
+            "stream_index": 0, "size": Path(path).stat().st_size, "mtime": 0.0}
+
+
+def write_manifest(d: Path, entries):
+    """entries: [(path, label, probe dict)]"""
+    d.mkdir(parents=True, exist_ok=True)
+    classes = sorted({f"c{lab}" for _, lab, _ in entries} | {"c0", "c1", "c2"})
+    rows = [{"path": str(p), "label": lab, "class_name": f"c{lab}", "start": None, "end": None,
+             "probe": pr} for p, lab, pr in entries]
+    (d / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "classes.json").write_text(json.dumps(classes))
+    return d
+
+
+def entry(videos, name, label):
+    path = videos / name
+    return (path, label, probe(*CLIPS[name], path))
+
+
+def make_cfg(tmp_path, datasets, **data):
+    raw = {"data": {"datasets": datasets, "batch_size": 4, "num_threads": 2, "prefetch": 2,
+                    "train_scale": [36, 44], "test_scale": 36, "crop_size": CROP,
+                    "rand_aug_n": 2, "decode_device": "cpu", "fallback_workers": 2, **data},
+           "train": {"seed": 3}}
+    return config_from_dict(raw, check_paths=True)
+
+
+@pytest.fixture
+def two_datasets(tmp_path, videos):
+    a = write_manifest(tmp_path / "a", [entry(videos, "derived_juggle_vp9.webm", 0),
+                                        entry(videos, "derived_juggle_mjpeg.avi", 1),
+                                        entry(videos, "bbb_vp8_vorbis_1s.webm", 2)])
+    b = write_manifest(tmp_path / "b", [entry(videos, "k400_arm_wrestling_340x256.mp4", 0),
+                                        entry(videos, "carphone_qcif_176x144.mp4", 1),
+                                        entry(videos, "ucf101_apply_eye_makeup_xvid_mp3.avi", 2),
+                                        entry(videos, "derived_juggle_portrait_360x640.mp4", 1),
+                                        entry(videos, "carphone_qcif_176x144.mp4", 0)])
+    return [{"name": "dali", "manifest": str(a), "val_manifest": str(a), "test_views": [2, 3]},
+            {"name": "h264", "manifest": str(b), "val_manifest": str(b), "flip": False,
+             "sampling": "uniform", "test_views": [1, 1]}]
+
+
+def collect(loader, epoch):
+    return [b for b in loader.epoch(epoch)]
+
+
+def test_epoch_mixes_dali_and_fallback_in_sampler_order(tmp_path, two_datasets):
+    cfg = make_cfg(tmp_path, two_datasets)
+    loader = build_train_loader(cfg, T, CROP)
+    assert loader.names == ["dali", "h264"] and loader.num_classes == {"dali": 3, "h264": 3}
+    assert loader.steps_per_epoch == 2
+    batches = collect(loader, 0)
+    rows = np.concatenate([r for _, r in loader.sampler.iter_epoch(0)])
+    assert len(batches) == 2
+    ids = torch.cat([b.dataset_ids for b in batches])
+    assert ids.tolist() == rows[:, 0].tolist()  # order of the sampler, both decoders merged
+    assert torch.cat([b.sample_ids for b in batches]).tolist() == rows[:, 2].tolist()
+    assert Counter(ids.tolist()) == {0: 3, 1: 5}  # H.264/MPEG-4 trained through the fallback
+    for b in batches:
+        assert b.video.shape == (4, 3, T, CROP, CROP) and b.video.dtype == torch.float32
+        assert torch.isfinite(b.video).all() and b.video.std() > 0.1
+        labels = [int(loader.records[d][v]["label"]) for d, v, _ in rows[b.epoch_step * 4:][:4]]
+        assert b.labels.tolist() == labels
+    assert loader.num_quarantined == 0 and loader.state_dict() == {"epoch": 1, "step": 0}
+    loader.close()
+
+
+def test_resume_mid_epoch_gives_identical_batches(tmp_path, two_datasets):
+    cfg = make_cfg(tmp_path, two_datasets)
+    full = build_train_loader(cfg, T, CROP)
+    ref = collect(full, 1)
+    first = build_train_loader(cfg, T, CROP)
+    it = first.epoch(1)
+    b0 = next(it)
+    state = first.state_dict()
+    it.close()
+    assert state == {"epoch": 1, "step": 1}
+    resumed = build_train_loader(cfg, T, CROP)
+    resumed.load_state_dict(state)
+    rest = collect(resumed, 1)
+    assert [b.epoch_step for b in rest] == [1]
+    for got, want in zip([b0] + rest, ref):
+        assert torch.equal(got.sample_ids, want.sample_ids)
+        assert torch.equal(got.video, want.video)  # same clips, same augmentation
+    for ld in (full, first, resumed):
+        ld.close()
+
+
+def test_corrupt_files_quarantined_and_replaced(tmp_path, videos):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    trunc = bad / "truncated.webm"
+    trunc.write_bytes((videos / "derived_juggle_vp9.webm").read_bytes()[:3000])
+    text = bad / "text.webm"
+    text.write_text("this is not a video\n" * 50)
+    good = entry(videos, "derived_juggle_vp9.webm", 0)
+    fake = lambda p: (p, 1, probe("vp9", "yuv420p", 640, 360, 72, 24.0, p))  # noqa: E731
+    a = write_manifest(tmp_path / "a", [good, fake(trunc), fake(text),
+                                        entry(videos, "derived_juggle_mjpeg.avi", 2)])
+    b = write_manifest(tmp_path / "b", [entry(videos, "carphone_qcif_176x144.mp4", 0),
+                                        entry(videos, "k400_arm_wrestling_340x256.mp4", 1),
+                                        entry(videos, "carphone_qcif_176x144.mp4", 2),
+                                        entry(videos, "k400_arm_wrestling_340x256.mp4", 0)])
+    cfg = make_cfg(tmp_path, [{"name": "a", "manifest": str(a)}, {"name": "b", "manifest": str(b)}])
+    loader = build_train_loader(cfg, T, CROP)
+    rows = np.concatenate([r for _, r in loader.sampler.iter_epoch(0)])
+    batches = collect(loader, 0)
+    assert loader.num_quarantined == 2
+    q = [json.loads(ln) for ln in (a / "quarantine.jsonl").read_text().splitlines()]
+    assert {r["path"] for r in q} == {str(trunc), str(text)}
+    assert all(r["source"] == "train" and r["reason"] for r in q)
+    ids = torch.cat([b.dataset_ids for b in batches])
+    assert ids.tolist() == rows[:, 0].tolist()  # replacements come from the same dataset
+    for b in batches:
+        assert b.video.shape == (4, 3, T, CROP, CROP) and torch.isfinite(b.video).all()
+    # later epochs never draw the quarantined files again and do not re-quarantine them
+    collect(loader, 1)
+    assert loader.num_quarantined == 2
+    assert len((a / "quarantine.jsonl").read_text().splitlines()) == 2
+    loader.close()
+
+
+def test_eval_loader_views_and_sharding(tmp_path, two_datasets):
+    cfg = make_cfg(tmp_path, two_datasets, eval_batch_size=2)
+    seen = []
+    for rank in range(2):
+        ev = build_eval_loader(cfg, "dali", T, CROP, rank=rank, world_size=2)
+        for video, name, labels, idx in ev:  # EvalBatch unpacks as a tuple
+            assert name == "dali"
+            assert video.shape[1:] == (6, 3, T, CROP, CROP)  # V = 2 temporal x 3 spatial
+            assert video.shape[0] == labels.shape[0] == idx.shape[0]
+            # spatial crops of one clip differ, its temporal clips differ
+            assert not torch.equal(video[0, 0], video[0, 1])
+            assert not torch.equal(video[0, 0], video[0, 3])
+            seen += idx.tolist()
+        ev.close()
+    assert sorted(seen) == [0, 1, 2]
+    ev = build_eval_loader(cfg, "h264", T, CROP)  # fallback path, 1x1 views
+    out = list(ev)
+    assert sum(b.video.shape[0] for b in out) == 5 and out[0].video.shape[1:] == (1, 3, T, CROP, CROP)
+    assert sorted(i for b in out for i in b.video_ids.tolist()) == list(range(5))
+    assert out[0].dataset == "h264" and out[0].labels.dtype == torch.long
+    ev.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_loader_outputs_cuda(tmp_path, two_datasets):
+    cfg = make_cfg(tmp_path, two_datasets, decode_device="auto")
+    loader = build_train_loader(cfg, T, CROP, device=torch.device("cuda", 0))
+    b = next(iter(loader.epoch(0)))
+    assert b.video.is_cuda and b.video.shape == (4, 3, T, CROP, CROP)
+    loader.close()
