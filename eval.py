@@ -82,12 +82,9 @@ def relation_report(model, classes: dict, relations_path: str) -> dict:
     A true relation "source class i of s relates to target classes T of d" counts as recovered when
     the largest weight in column i of W_{s→d} belongs to a class in T.
     """
-    if not getattr(model, "has_projections", True) or len(classes) < 2:
+    if not model.pairs:  # an inference export, or a single dataset
         return {}
-    try:
-        pairs = projection_pairs(model, classes, k=5)
-    except (AttributeError, KeyError):
-        return {}
+    pairs = projection_pairs(model, classes, k=5)
     report = {"pairs": {k: [[s, t, round(float(w), 6)] for s, t, w in rows] for k, rows in pairs.items()}}
     if relations_path:
         with open(relations_path) as f:

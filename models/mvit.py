@@ -59,9 +59,11 @@ PRESETS: dict[str, dict] = {
     "mvitv2_b_32x3": dict(depth=24, transitions=(2, 5, 21), num_frames=32),
     # MViTv2-S: 16 blocks, transitions at 1, 3, 14, 16x4 frames.
     "mvitv2_s_16x4": dict(depth=16, transitions=(1, 3, 14), num_frames=16),
-    # CPU-sized: 5 blocks in stages 1/2/2 (two transitions), 32→64→128 wide.
+    # CPU-sized: 5 blocks in stages 1/2/2 (two transitions), 32→64→128 wide. Its 16x16 patch
+    # grid needs a KV stride of 4, not 8: with 8 the 3x3 pooling kernel samples only a 2x2
+    # subset of the grid and the keys miss most of the frame.
     "mvitv2_tiny": dict(depth=5, transitions=(1, 3), embed_dim=32, num_frames=8,
-                        crop_size=64, drop_path=0.0),
+                        crop_size=64, drop_path=0.0, kv_stride=(1, 4, 4)),
 }
 
 
