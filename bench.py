@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
 import runtime
-from config import Config, ConfigError, load_config
+from config import Config, load_config
 from models import MultiTrainLoss, count_flops
 
 MODES = ("data", "data-peer", "model", "e2e")
@@ -88,7 +87,7 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     if cfg.model.compile:
         model = torch.compile(model)
     plain = runtime.unwrap(model)
-    frames, crop = runtime.input_geometry(cfg, plain)
+    frames, crop = runtime.input_geometry(cfg)
     precision = runtime.resolve_precision(cfg, env.device)
     optimizer = build_optimizer(cfg, model, env.device)
     loss_fn = MultiTrainLoss(list(num_classes), w_proj=cfg.loss.w_proj, w_inf=cfg.loss.w_inf)
@@ -132,14 +131,9 @@ def progress(mode: str, i: int, n: int, t0: float, per_iter: int) -> None:
     print(f"\r  {mode}: {i}/{n} iterations, {rate:.1f} clips/s", end="\n" if i == n else "", flush=True)
 
 
-def train_geometry(cfg: Config) -> tuple[int, int]:
-    probe = runtime.build_model(cfg, {ds.name: 1 for ds in cfg.data.datasets}, projections=False)
-    return runtime.input_geometry(cfg, probe)
-
-
 def bench_data(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     from dali_pipes import build_train_loader
-    frames, crop = train_geometry(cfg)
+    frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
     clips, t0, epoch = 0, None, 0
@@ -165,7 +159,7 @@ def bench_data(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
 
 def bench_data_peer(cfg: Config, env: runtime.Env, iters: int, warmup: int, workers: int) -> dict:
     from dali_pipes.peer import peer_throughput
-    frames, crop = train_geometry(cfg)
+    frames, crop = runtime.input_geometry(cfg)
     result = peer_throughput(cfg, num_frames=frames, crop_size=crop, batches=iters, warmup=warmup,
                              workers=workers)
     result.setdefault("frames_per_s", result["clips_per_s"] * frames)
@@ -177,7 +171,7 @@ def bench_e2e(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     """Real optimizer steps of train.py's train_step, fed by the DALI loader."""
     from dali_pipes import MixupCutmix, build_train_loader
     from train import build_optimizer, train_step
-    frames, crop = train_geometry(cfg)
+    frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
     torch.manual_seed(0)
@@ -287,8 +281,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runtime.run_cli(main)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from config import Config, clip_frames, crop_size
+from config import Config, ConfigError, clip_frames, crop_size
 from models import MultiTrainModel, build_backbone, load_pyslowfast
 
 CKPT_PATTERN = "ckpt_{step:08d}.pt"
@@ -58,6 +58,15 @@ def setup_env() -> Env:
 def teardown_env(env: Env) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_cli(main) -> None:
+    """Entry-point wrapper: a config error is one clear line and exit code 2, not a traceback."""
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def log(env: Env, *msg) -> None:
@@ -104,8 +113,11 @@ def build_model(cfg: Config, num_classes: dict, projections: bool = True) -> Mul
                            expander_dim=cfg.model.expander_dim, projections=projections)
 
 
-def input_geometry(cfg: Config, model: MultiTrainModel) -> tuple[int, int]:
-    """(frames, crop) the data pipelines must produce for this model."""
+def input_geometry(cfg: Config) -> tuple[int, int]:
+    """(frames, crop) the data pipelines must produce for cfg.model: read off a backbone built on
+    the meta device, so no memory is allocated and no random numbers are drawn."""
+    with torch.device("meta"):
+        model = build_model(cfg, {ds.name: 1 for ds in cfg.data.datasets}, projections=False)
     return clip_frames(cfg, model.backbone.num_frames), crop_size(cfg, model.backbone.crop_size)
 
 

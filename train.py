@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
@@ -239,15 +238,12 @@ def main(argv=None) -> int:
     accum = accumulation_steps(cfg, env.world_size)
     run_dir = cfg.train.output_dir
     os.makedirs(run_dir, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
 
     # ---- build
-    model_probe = runtime.build_model(cfg, {ds.name: 1 for ds in cfg.data.datasets})
-    num_frames, crop = runtime.input_geometry(cfg, model_probe)
-    del model_probe
+    num_frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=num_frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
-    torch.manual_seed(cfg.train.seed)  # same initial weights whatever the loader drew
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
     model = runtime.build_model(cfg, loader.num_classes).to(env.device)
     runtime.init_from_pretrained(cfg, model, env)
     meta = {"classes": loader.classes, "num_frames": num_frames, "crop_size": crop}
@@ -406,8 +402,4 @@ def export_inference(env, cfg, model, meta, run_dir) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runtime.run_cli(main)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,7 @@ def join_cls(cls: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 def pool_tokens(x: torch.Tensor, pool: nn.Module, thw: Thw, has_cls: bool) -> tuple[torch.Tensor, Thw]:
     """Apply a 3-D pooling op to the token grid of x: (B, [heads,] N, C) -> pooled tokens."""
     cls, x = split_cls(x, has_cls)
-    lead, (n, c) = x.shape[:-2], x.shape[-2:]
+    lead, c = x.shape[:-2], x.shape[-1]
     grid = x.reshape(-1, *thw, c).permute(0, 4, 1, 2, 3)  # (B·heads, C, T, H, W)
     grid = pool(grid)
     new_thw = tuple(grid.shape[2:])

@@ -1,6 +1,5 @@
 """Training/eval loaders end to end on CPU with hand-written manifests of the real clips."""
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 

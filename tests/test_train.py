@@ -116,7 +116,7 @@ def test_resume_after_sigterm_reproduces_uninterrupted_losses(demo_root):
 
     r = run(common + [f"train.output_dir={cut}"], demo_root)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from" in r.stdout and f"at step {stopped_at}" in r.stdout
+    assert "resumed from" in r.stdout and f"at step {stopped_at}" in r.stdout
     a, b = metrics(straight), metrics(cut)
     assert sorted(a) == sorted(b) == list(range(1, 11))
     for step in a:
