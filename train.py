@@ -276,6 +276,13 @@ def main(argv=None) -> int:
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if cfg.model.compile:
         model = torch.compile(model)
+    micro_batch = cfg.data.batch_size * env.world_size
+    if cfg.loss.w_inf and micro_batch <= cfg.model.expander_dim:
+        # The covariance of B samples has rank < B, so with B <= D_e the off-diagonal term cannot
+        # reach zero: it keeps a floor of about D_e/(B-1) - 1 whose gradient fights the others.
+        runtime.log(env, f"warning: informative loss over {micro_batch} clips per step with expander_dim "
+                         f"{cfg.model.expander_dim}: its covariance term cannot vanish; use more clips "
+                         "per step (GPUs x data.batch_size) or a smaller model.expander_dim")
     logger = Logger(env, run_dir)
     stop = StopFlag()
     runtime.log(env, f"training {cfg.model.arch} on {', '.join(loader.names)}: {env.world_size} process(es), "

@@ -16,7 +16,7 @@ direction      Moments in Time CSV     4: "moving <dir>" (no horizontal flip!)
 ``relations.json`` holds the ground truth the projection heads should learn
 (shapecolor ↔ shape, shapecolor ↔ color; direction relates to nothing).
 
-    python -m dali_pipes.synthetic --out demo_data [--videos-per-class 12] [--seed 0]
+    python -m dali_pipes.synthetic --out demo_data [--videos-per-class 24] [--seed 0]
 """
 from __future__ import annotations
 
@@ -33,13 +33,20 @@ from typing import Any
 
 import numpy as np
 
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (255, 60, 60), "green": (60, 230, 60), "blue": (70, 100, 255)}
+# Three shapes that stay distinct at the tiny model's 64 px / 4 px-patch resolution: a ring (dark
+# centre), a filled square (bright everywhere) and a plus-shaped cross (bright centre, dark
+# corners). A filled circle, square and triangle of ~10 px radius are near-identical blobs to it.
+SHAPES = ("ring", "square", "cross")
+# Light colours: every channel of every shape is far brighter than the dark background, so the
+# luminance contrast (what shape is learned from) is the same for all colours and the hue still
+# tells the colour apart. Saturated primaries stand out in one channel only, which makes the
+# shape features colour-dependent and shape far slower to learn.
+COLOURS = {"red": (255, 120, 110), "green": (120, 245, 120), "blue": (120, 150, 255)}
 DIRECTIONS = ("left", "right", "up", "down")
 WIDTH, HEIGHT, FPS = 112, 84, 24
 CLIP_FRAMES = 40
 ACTIVITYNET_FRAMES = 96
-GENERATOR_VERSION = 3  # bump when the rendering changes, so cached demo data is rebuilt
+GENERATOR_VERSION = 4  # bump when the rendering changes, so cached demo data is rebuilt
 COLOR_TEMPLATE = "Showing [something] that is {}"
 SPLITS = ("train", "val")
 
@@ -47,17 +54,16 @@ SPLITS = ("train", "val")
 # ---------------------------------------------------------------- rendering
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, xx, yy) -> np.ndarray:
-    if shape == "circle":
-        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if shape == "ring":
+        d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
     if shape == "square":
-        # Same area as the circle would be too similar at 64 px; a full-width square
-        # keeps the corners, which is what tells it apart.
         return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
-    if shape == "triangle":
-        # Upright isosceles triangle: apex above the centre, flat base below.
-        top, bottom = cy - r, cy + r
-        t = np.clip((yy - top) / max(bottom - top, 1e-6), 0, None)
-        return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= t * r * 1.2)
+    if shape == "cross":
+        # Plus sign: two bars of half-width 0.32 r crossing at the centre.
+        dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+        arm = 0.32 * r
+        return ((dx <= r) & (dy <= arm)) | ((dy <= r) & (dx <= arm))
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
@@ -316,7 +322,7 @@ def relations() -> list[dict]:
 
 # ---------------------------------------------------------------- entry points
 
-def generate(out, videos_per_class: int = 12, val_per_class: int | None = None,
+def generate(out, videos_per_class: int = 24, val_per_class: int | None = None,
              seed: int = 0, workers: int | None = None, progress: bool = True) -> dict:
     """Write videos, annotation files, relations.json and datasets.json under ``out``.
 
@@ -366,7 +372,7 @@ def _existing(out: Path, params: dict) -> dict | None:
     return info if all(info.get(k) == v for k, v in params.items()) else None
 
 
-def prepare_demo(out_dir, workers: int | None = None, videos_per_class: int = 12,
+def prepare_demo(out_dir, workers: int | None = None, videos_per_class: int = 24,
                  val_per_class: int | None = None, seed: int = 0,
                  progress: bool = True) -> dict[str, Any]:
     """Generate the demo data (unless already there) and build its 8 manifests.
@@ -418,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dali_pipes.synthetic",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--videos-per-class", type=int, default=12,
-                        help="training videos per class (default 12)")
+    parser.add_argument("--videos-per-class", type=int, default=24,
+                        help="training videos per class (default 24)")
     parser.add_argument("--val-per-class", type=int, default=None,
                         help="validation videos per class (default a third of the above)")
     parser.add_argument("--seed", type=int, default=0)

@@ -88,9 +88,9 @@ def test_relations_consistent_with_classes(demo):
     for src, tgt in pairs:
         covered = [r["source_class"] for r in rel if (r["source"], r["target"]) == (src, tgt)]
         assert sorted(covered) == sorted(classes[src])
-    red_circle = [r for r in rel if r["source_class"] == "red circle"]
-    assert {r["target"]: r["target_classes"] for r in red_circle} == {
-        "shape": ["circle"], "color": ["Showing something that is red"]}
+    red_ring = [r for r in rel if r["source_class"] == "red ring"]
+    assert {r["target"]: r["target_classes"] for r in red_ring} == {
+        "shape": ["ring"], "color": ["Showing something that is red"]}
 
 
 def test_datasets_json(demo):
@@ -143,7 +143,7 @@ def test_deterministic_from_seed():
 @pytest.mark.parametrize("direction", synthetic.DIRECTIONS)
 def test_direction_of_motion(direction):
     rng = np.random.default_rng(1)
-    clip = synthetic.render_clip(rng, "circle", "red", direction, 20)
+    clip = synthetic.render_clip(rng, "ring", "red", direction, 20)
 
     def centre(img):
         mask = (img[..., 0].astype(int) - img[..., 1]) > 100  # strongly red pixels
