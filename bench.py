@@ -131,27 +131,48 @@ def progress(mode: str, i: int, n: int, t0: float, per_iter: int) -> None:
     print(f"\r  {mode}: {i}/{n} iterations, {rate:.1f} clips/s", end="\n" if i == n else "", flush=True)
 
 
+class TimedRun:
+    """Pulls warmup + iters batches from a loader across epochs; only the last `iters` are timed,
+    with the time spent waiting for them (train.py's data-wait measure)."""
+
+    def __init__(self, mode: str, device: torch.device, warmup: int, iters: int):
+        self.mode, self.device, self.warmup, self.iters = mode, device, warmup, iters
+        self.done, self.clips, self.waited, self.t0 = 0, 0, 0.0, None
+
+    def batches(self, loader):
+        from train import timed
+        epoch = 0
+        while self.done < self.warmup + self.iters:
+            for batch, wait_s in timed(loader.epoch(epoch)):
+                if self.done == self.warmup:
+                    sync(self.device)
+                    self.t0, wait_s = time.perf_counter(), 0.0
+                self.waited += wait_s if self.done >= self.warmup else 0.0
+                yield batch, wait_s
+                if self.done >= self.warmup + self.iters:
+                    return
+            epoch += 1
+
+    def count(self, batch) -> None:
+        self.done += 1
+        if self.done > self.warmup:
+            self.clips += batch.video.shape[0]
+            progress(self.mode, self.done - self.warmup, self.iters, self.t0, batch.video.shape[0])
+
+    def finish(self) -> tuple[int, float]:
+        sync(self.device)
+        return self.clips, time.perf_counter() - self.t0
+
+
 def bench_data(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     from dali_pipes import build_train_loader
     frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
-    clips, t0, epoch = 0, None, 0
-    done = 0
-    while done < warmup + iters:
-        for batch in loader.epoch(epoch):
-            if done == warmup:
-                sync(env.device)
-                t0 = time.perf_counter()
-            done += 1
-            if done > warmup:
-                clips += batch.video.shape[0]
-                progress("data", done - warmup, iters, t0, batch.video.shape[0])
-            if done >= warmup + iters:
-                break
-        epoch += 1
-    sync(env.device)
-    elapsed = time.perf_counter() - t0
+    run = TimedRun("data", env.device, warmup, iters)
+    for batch, _ in run.batches(loader):
+        run.count(batch)
+    clips, elapsed = run.finish()
     loader.close()
     return {"clips_per_s": clips / elapsed, "frames_per_s": clips * frames / elapsed,
             "batch": cfg.data.batch_size, "decode_device": cfg.data.decode_device, "threads": cfg.data.num_threads}
@@ -185,26 +206,12 @@ def bench_e2e(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     mixup = MixupCutmix(loader.num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
                         cfg.data.mixup_prob, cfg.data.mixup_switch_prob, cfg.data.label_smoothing)
     gen = torch.Generator(device=env.device).manual_seed(0)
-    done, clips, waited, t0, epoch = 0, 0, 0.0, None, 0
-    while done < warmup + iters:
-        it = iter(loader.epoch(epoch))
-        while done < warmup + iters:
-            w0 = time.perf_counter()
-            batch = next(it, None)
-            if batch is None:
-                break
-            if done == warmup:
-                sync(env.device)
-                t0, waited = time.perf_counter(), 0.0
-            waited += time.perf_counter() - w0
-            train_step(model, loss_fn, [batch], mixup, optimizer, scaler, cfg, precision, env.device, gen)
-            done += 1
-            if done > warmup:
-                clips += batch.video.shape[0]
-                progress("e2e", done - warmup, iters, t0, batch.video.shape[0])
-        epoch += 1
-    sync(env.device)
-    elapsed = time.perf_counter() - t0
+    run = TimedRun("e2e", env.device, warmup, iters)
+    for batch, _ in run.batches(loader):
+        train_step(model, loss_fn, [batch], mixup, optimizer, scaler, cfg, precision, env.device, gen)
+        run.count(batch)
+    clips, elapsed = run.finish()
+    waited = run.waited
     loader.close()
     return {"clips_per_s": clips / elapsed, "data_wait_frac": waited / elapsed, "precision": precision,
             "batch": cfg.data.batch_size}
