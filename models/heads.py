@@ -41,10 +41,15 @@ class MultiTrainModel(nn.Module):
         self.pairs = [(s, d) for s in self.names for d in self.names if s != d] if projections else []
         self.proj = nn.ModuleDict({pair_key(s, d): nn.Linear(num_classes[s], num_classes[d], bias=False)
                                    for s, d in self.pairs})
-        for m in [*self.heads.modules(), *(self.expander.modules() if self.expander else [])]:
+        # The authors initialise every Linear of the model this way, the projections included:
+        # W_{s→d} starts near zero ("no relation known") instead of at PyTorch's default
+        # ±1/sqrt(C_s), a random relation pattern that the loss would first have to unlearn.
+        for m in [*self.heads.modules(), *(self.expander.modules() if self.expander else []),
+                  *self.proj.modules()]:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         self.register_load_state_dict_post_hook(_allow_missing_training_parts)
 
     def forward(self, x: torch.Tensor) -> dict:

@@ -148,6 +148,18 @@ def test_model_output_structure():
     torch.testing.assert_close(out["proj"][("a", "c")], out["logits"]["a"] @ m.proj["a->c"].weight.t())
 
 
+def test_head_expander_and_projection_init_near_zero():
+    # The authors' init (trunc-normal std 0.02, zero bias) for every head Linear, the projections
+    # included: PyTorch's default would start W_{s->d} at +-1/sqrt(C_s), a random "relation".
+    torch.manual_seed(0)
+    m = tiny_model()
+    for name, mod in [*m.heads.named_modules(), *m.expander.named_modules(), *m.proj.named_modules()]:
+        if isinstance(mod, torch.nn.Linear):
+            # std 0.02 (default init of Linear(4, 3): uniform +-0.5, std 0.29)
+            assert mod.weight.abs().max() < 0.12 and 0.005 < mod.weight.std() < 0.04, name
+            assert mod.bias is None or not mod.bias.any(), name
+
+
 def test_every_parameter_gets_a_nonzero_gradient():
     m = tiny_model()
     x, targets, masks = tiny_batch()
