@@ -88,10 +88,10 @@ def relation_report(model, classes: dict, relations_path: str) -> dict:
     if relations_path:
         with open(relations_path) as f:
             truth = json.load(f)
-        best = projection_argmax(model)
-        found, missed = 0, []
         # Relations naming a dataset this run did not train (a subset of the data) do not count.
         truth = [r for r in truth if r["source"] in classes and r["target"] in classes]
+        best = projection_argmax(model)
+        found, missed = 0, []
         for rel in truth:
             s, d = rel["source"], rel["target"]
             i = classes[s].index(rel["source_class"])

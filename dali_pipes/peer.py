@@ -81,6 +81,18 @@ def measure_peer(dataset: PeerDataset, batch_size: int, workers: int = 2,
     return {"clips": n, "seconds": elapsed, "clips_per_s": n / elapsed}
 
 
+def peer_dataset(loader, num_samples: int, crop_size: int, mean, std) -> PeerDataset:
+    """The peer over a DALI TrainLoader's own samples: sample k is the k-th of the loader's
+    epoch-0 order (cycling into later epochs), with the loader's frames and parameters."""
+    order = loader.sampler.global_order(0)
+
+    def make_item(k, size=len(order)):
+        d, v, s = order[k % size]
+        return loader.make_item(k // size, int(d), int(v), int(s))
+
+    return PeerDataset(make_item, num_samples, crop_size, mean, std, loader.geom_interp)
+
+
 def peer_throughput(cfg, num_frames: int, crop_size: int, batches: int = 10, warmup: int = 2,
                     workers: int = 2) -> dict:
     """Clips/s of the peer on the training manifests of `cfg`, with the DALI loader's sampling
@@ -88,15 +100,8 @@ def peer_throughput(cfg, num_frames: int, crop_size: int, batches: int = 10, war
     from dali_pipes.loader import build_train_loader
 
     loader = build_train_loader(cfg, num_frames, crop_size)  # sampler + parameters only
-    order = loader.sampler.global_order(0)
     bs = cfg.data.batch_size
-
-    def make_item(k, size=len(order)):
-        d, v, s = order[k % size]
-        return loader.make_item(k // size, int(d), int(v), int(s))
-
-    data = PeerDataset(make_item, (batches + warmup) * bs, crop_size, cfg.data.mean,
-                       cfg.data.std, loader.geom_interp)
+    data = peer_dataset(loader, (batches + warmup) * bs, crop_size, cfg.data.mean, cfg.data.std)
     try:
         result = measure_peer(data, bs, workers, warmup)
     finally:

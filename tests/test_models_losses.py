@@ -1,5 +1,6 @@
 """Losses against explicit-loop hand computations; masks; gradients; heads; bf16."""
 
+import json
 import math
 
 import numpy as np
@@ -245,3 +246,23 @@ def test_projection_pairs_and_argmax():
     assert top["a->c"] == [("a1", "c4", 3.0), ("a2", "c0", 2.0)]
     assert projection_argmax(m)[("a", "c")][1].item() == 4
     assert projection_argmax(m)[("a", "c")].shape == (NC["a"],)
+
+
+def test_relation_report_counts_only_trained_datasets(tmp_path):
+    from eval import relation_report
+
+    m = tiny_model()
+    with torch.no_grad():
+        w = torch.zeros(NC["c"], NC["a"])  # W_{a→c}: a1 -> c4, a2 -> c0
+        w[4, 1], w[0, 2] = 3.0, 2.0
+        m.proj["a->c"].weight.copy_(w)
+    names = {n: [f"{n}{i}" for i in range(c)] for n, c in NC.items()}
+    truth = [{"source": "a", "source_class": "a1", "target": "c", "target_classes": ["c4"]},
+             {"source": "a", "source_class": "a2", "target": "c", "target_classes": ["c1", "c2"]},
+             # a dataset this model was not trained on: left out of the total, no KeyError
+             {"source": "a", "source_class": "a1", "target": "z", "target_classes": ["z0"]}]
+    path = tmp_path / "relations.json"
+    path.write_text(json.dumps(truth))
+    rep = relation_report(m, names, str(path))
+    assert (rep["recovered"], rep["total"]) == (1, 2)
+    assert rep["missed"] == ["a:a2 -> c:c0"]

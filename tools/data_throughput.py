@@ -111,21 +111,15 @@ def main(argv=None) -> int:
 
     import torch
     from dali_pipes.loader import build_train_loader
-    from dali_pipes.peer import PeerDataset, measure_peer
+    from dali_pipes.peer import measure_peer, peer_dataset
 
     torch.set_num_threads(1)
     manifest = Path(args.manifest) if args.manifest else make_clips(
         Path(args.data), args.videos, args.video_frames, args.width, args.height)
     cfg = build_cfg(manifest, args)
     loader = build_train_loader(cfg, args.frames, args.crop)
-    order = loader.sampler.global_order(0)
-
-    def make_item(k, order=order, size=len(order)):
-        d, v, s = order[k % size]
-        return loader.make_item(k // size, int(d), int(v), int(s))
-
-    peer_set = PeerDataset(make_item, args.clips + 2 * args.batch, args.crop, cfg.data.mean,
-                           cfg.data.std, loader.geom_interp)
+    peer_set = peer_dataset(loader, args.clips + 2 * args.batch, args.crop, cfg.data.mean,
+                            cfg.data.std)
     # Alternating rounds and medians: other processes on a shared machine shift single runs.
     rounds = []
     for r in range(args.rounds):
