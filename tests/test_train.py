@@ -73,7 +73,7 @@ def test_two_process_gloo_training_then_eval(demo_root):
     for v in result["datasets"].values():
         assert 0.0 <= v["top1"] <= v["top5"] <= 1.0
     rel = result["relations"]
-    assert rel["total"] == 24 and 0 <= rel["recovered"] <= 24
+    assert rel["total"] == 24  # recovery itself: test_short_demo_run_recovers_relations
     assert len(rel["pairs"]) == 12 and all(len(rows) == 5 for rows in rel["pairs"].values())
 
     # eval.py on the run directory with other views and the inference export.
@@ -88,6 +88,25 @@ def test_two_process_gloo_training_then_eval(demo_root):
              "--out", str(out)], demo_root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(out.read_text())["relations"] == {}  # projections are not exported
+
+
+def test_short_demo_run_recovers_relations(tmp_path):
+    """The method end to end on the full-size demo data: the demo recipe shortened to 10 epochs
+    (570 steps, about 2 minutes on 2 cores) at a faster lr. Ranking target classes at random
+    finds 8 of the 24 true relations on average (each has a 1/3 chance, sd 2.3); this recipe
+    found 19, 18 and 17 with seeds 0, 1 and 2."""
+    from dali_pipes.synthetic import prepare_demo
+    prepare_demo(tmp_path / "demo_data", progress=False)  # 24 training videos per class
+    run_dir = tmp_path / "run"
+    r = run([sys.executable, str(ROOT / "train.py"), "--cfg", str(DEMO), f"train.output_dir={run_dir}",
+             "optim.epochs=10", "optim.lr=5e-4", "optim.warmup_start_lr=5e-5", "train.vis_clips=0",
+             *NO_VAL], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(run_dir)], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rel = json.loads((run_dir / "eval.json").read_text())["relations"]
+    assert rel["total"] == 24
+    assert rel["recovered"] >= 14, rel["missed"]  # 2.6 sd above chance
 
 
 def test_resume_after_sigterm_reproduces_uninterrupted_losses(demo_root):
