@@ -92,7 +92,7 @@ def test_two_process_gloo_training_then_eval(demo_root):
 
 def test_short_demo_run_recovers_relations(tmp_path):
     """The method end to end on the full-size demo data: the demo recipe shortened to 10 epochs
-    (570 steps, about 2 minutes on 2 cores) at a faster lr. Ranking target classes at random
+    (570 steps, ~3 min with the data on 2 cores) at a faster lr. Ranking target classes at random
     finds 8 of the 24 true relations on average (each has a 1/3 chance, sd 2.3); this recipe
     found 19, 18 and 17 with seeds 0, 1 and 2."""
     from dali_pipes.synthetic import prepare_demo
