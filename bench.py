@@ -148,7 +148,7 @@ class TimedRun:
                     sync(self.device)
                     self.t0, wait_s = time.perf_counter(), 0.0
                 self.waited += wait_s if self.done >= self.warmup else 0.0
-                yield batch, wait_s
+                yield batch
                 if self.done >= self.warmup + self.iters:
                     return
             epoch += 1
@@ -170,7 +170,7 @@ def bench_data(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     loader = build_train_loader(cfg, num_frames=frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
     run = TimedRun("data", env.device, warmup, iters)
-    for batch, _ in run.batches(loader):
+    for batch in run.batches(loader):
         run.count(batch)
     clips, elapsed = run.finish()
     loader.close()
@@ -207,13 +207,12 @@ def bench_e2e(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
                         cfg.data.mixup_prob, cfg.data.mixup_switch_prob, cfg.data.label_smoothing)
     gen = torch.Generator(device=env.device).manual_seed(0)
     run = TimedRun("e2e", env.device, warmup, iters)
-    for batch, _ in run.batches(loader):
+    for batch in run.batches(loader):
         train_step(model, loss_fn, [batch], mixup, optimizer, scaler, cfg, precision, env.device, gen)
         run.count(batch)
     clips, elapsed = run.finish()
-    waited = run.waited
     loader.close()
-    return {"clips_per_s": clips / elapsed, "data_wait_frac": waited / elapsed, "precision": precision,
+    return {"clips_per_s": clips / elapsed, "data_wait_frac": run.waited / elapsed, "precision": precision,
             "batch": cfg.data.batch_size}
 
 
