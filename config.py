@@ -129,7 +129,8 @@ class ModelConfig:
     expander_hidden: int = 2048
     # Output width of the expander, the space of the informative loss.
     expander_dim: int = 768
-    # PySlowFast/MultiTrain .pyth checkpoint whose backbone initialises training; empty: random init.
+    # PySlowFast/MultiTrain .pyth or train.py checkpoint whose backbone initialises training;
+    # empty: random init.
     pretrained: str = ""
 
 
@@ -169,6 +170,10 @@ class OptimConfig:
     clip_grad: float = 1.0
     # Clips per optimizer step over all processes; reached by gradient accumulation.
     global_batch: int = 512
+    # Learning-rate multiplier for the projection heads W_{s->d}; 1 is the paper. AdamW moves a
+    # weight by about lr per step, so a short schedule (the demo's ~1.7k steps against the
+    # paper's ~120k) leaves these zero-initialised maps nearly where they started.
+    proj_lr_scale: float = 1.0
 
 
 @dataclass
@@ -311,6 +316,9 @@ def _validate(cfg: Config, check_paths: bool):
         raise ConfigError(f"config key 'data.train_scale': expected [min, max], got {cfg.data.train_scale}")
     if cfg.data.batch_size < 1 or cfg.optim.global_batch < 1:
         raise ConfigError("config keys 'data.batch_size' and 'optim.global_batch' must be >= 1")
+    if cfg.optim.proj_lr_scale <= 0:
+        raise ConfigError(f"config key 'optim.proj_lr_scale': expected a multiplier > 0 "
+                          f"(1 = the paper), got {cfg.optim.proj_lr_scale}")
     if check_paths and cfg.data.relations and not Path(cfg.data.relations).is_file():
         raise ConfigError(f"config key 'data.relations': file '{cfg.data.relations}' does not exist")
     if check_paths and cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():

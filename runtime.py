@@ -124,7 +124,10 @@ def input_geometry(cfg: Config) -> tuple[int, int]:
 def init_from_pretrained(cfg: Config, model: MultiTrainModel, env: Env) -> None:
     if cfg.model.pretrained:
         report = load_pyslowfast(model, cfg.model.pretrained, skip=("head",))
-        log(env, f"initialised backbone from {cfg.model.pretrained}: {report}")
+        # Loaded keys are many and unsurprising; what was resampled or left out is what to check.
+        log(env, f"initialised backbone from {cfg.model.pretrained}: {len(report['loaded'])} "
+                 f"tensors loaded, interpolated {report['interpolated'] or 'none'}, "
+                 f"skipped {report['skipped'] or 'none'}")
 
 
 # ---------------------------------------------------------------- checkpoints

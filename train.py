@@ -36,19 +36,28 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- optimisation
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, position tables and other 1-D or table parameters."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, proj_lr_scale: float = 1.0) -> list[dict]:
+    """No weight decay on biases, norms, position tables and other 1-D or table parameters;
+    the projection heads in a group of their own when their learning rate is scaled."""
+    decay, no_decay, proj = [], [], []
+    proj_heads = getattr(model, "proj", None)  # absent on a bare backbone
+    scaled = {id(p) for p in proj_heads.parameters()} if proj_heads and proj_lr_scale != 1.0 else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "rel_pos" in name or "cls_token" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if id(p) in scaled:
+            proj.append(p)
+        else:
+            (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if proj:
+        groups.append({"params": proj, "weight_decay": weight_decay, "lr_scale": proj_lr_scale})
+    return groups
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.optim.weight_decay)
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.proj_lr_scale)
     kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     if cfg.optim.impl == "apex":
         try:
@@ -70,6 +79,11 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int, total_steps: int) -> flo
         return o.warmup_start_lr + (o.lr - o.warmup_start_lr) * step / warmup
     progress = (step - warmup) / max(total_steps - warmup, 1)
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: the projection heads' group
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
@@ -301,8 +315,7 @@ def main(argv=None) -> int:
             batches.append(batch)
             if len(batches) < accum:
                 continue
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(cfg, step, steps_per_epoch, total_steps)
+            set_lr(optimizer, lr_at(cfg, step, steps_per_epoch, total_steps))
             generator = torch.Generator(device=env.device).manual_seed(
                 cfg.train.seed * 1_000_003 + step)  # mixup draws reproduce on resume
             loss, terms, gnorm, applied = train_step(model, loss_fn, batches, mixup, optimizer, scaler,

@@ -17,7 +17,10 @@ def _read_state(path_or_dict) -> dict[str, torch.Tensor]:
         ckpt = torch.load(path_or_dict, map_location="cpu", weights_only=True)
     else:
         ckpt = path_or_dict
-    state = ckpt.get("model_state", ckpt) if isinstance(ckpt, dict) else None
+    # PySlowFast keeps the weights under "model_state", our train.py checkpoints under "model".
+    state = None
+    if isinstance(ckpt, dict):
+        state = ckpt.get("model_state", ckpt.get("model", ckpt))
     if not isinstance(state, dict):
         raise ValueError(f"no state dict in checkpoint (type {type(ckpt).__name__})")
     return state

@@ -57,6 +57,11 @@ def test_bad_choice_and_duplicate_names(tmp_path):
         config_from_dict(raw)
 
 
+def test_projection_lr_scale_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optim.proj_lr_scale': expected a multiplier > 0.*got 0.0"):
+        config_from_dict(minimal(tmp_path), ["optim.proj_lr_scale=0.0"])
+
+
 def test_overrides_reach_nested_and_list_fields(tmp_path):
     cfg = config_from_dict(minimal(tmp_path), ["optim.lr=1e-4", "data.datasets.0.test_views=[5,1]",
                                                "data.train_scale=[64,80]"])

@@ -76,3 +76,21 @@ def test_skip_prefix_matches_whole_components():
         load_pyslowfast(tiny(), src)  # "head" must not hide "heads.x"
     report = load_pyslowfast(tiny(), src, skip=("head", "heads"))
     assert "heads.x" in report["skipped"]
+
+
+def test_backbone_from_a_train_py_checkpoint(tmp_path):
+    """A MultiTrain run's own checkpoint ({"model": ..., "optimizer": ...}) initialises a new
+    run's backbone; its heads and projections are not backbone weights and are skipped."""
+    torch.manual_seed(0)
+    src = MultiTrainModel(tiny(), {"a": 3, "b": 2}, head_hidden=16, expander_hidden=16,
+                          expander_dim=8)
+    torch.save({"model": src.state_dict(), "optimizer": {}, "step": 7}, tmp_path / "ckpt.pt")
+    torch.manual_seed(1)
+    dst = MultiTrainModel(tiny(), {"c": 4}, head_hidden=16, expander_dim=None)
+    x = torch.randn(1, 3, 8, 64, 64)
+    assert not torch.allclose(src.backbone(x), dst.backbone(x))
+    report = load_pyslowfast(dst, tmp_path / "ckpt.pt", skip=("head",))
+    torch.testing.assert_close(src.backbone(x), dst.backbone(x), rtol=0, atol=0)
+    assert len(report["loaded"]) == len(src.backbone.state_dict())
+    assert any(k.startswith("heads.a.") for k in report["skipped"])
+    assert any(k.startswith("proj.") for k in report["skipped"])

@@ -33,8 +33,9 @@ def test_manifests_build_without_quarantine(demo):
             assert summary["num_quarantined"] == 0, (name, split)
             records, classes = load_manifest(demo["manifests"][name][split])
             assert len(classes) == n_classes
-            # one video per class and split; every class present
-            assert sorted(r["label"] for r in records) == list(range(n_classes)), (name, split)
+            # one video per class and split (direction: SIZE_FACTOR); every class present
+            per_class = synthetic.SIZE_FACTOR[name]
+            assert sorted(r["label"] for r in records) == sorted(list(range(n_classes)) * per_class), (name, split)
 
 
 def test_train_and_val_share_class_lists(demo):
@@ -161,5 +162,5 @@ def test_cli_generate(tmp_path):
     assert synthetic.main(["--out", str(tmp_path), "--videos-per-class", "1",
                            "--workers", "1", "--no-verify"]) == 0
     info = json.loads((tmp_path / "datasets.json").read_text())
-    assert info["num_videos"] == 2 * (9 + 3 + 3 + 4)
+    assert info["num_videos"] == 2 * (9 + 3 + 3 + 4 * synthetic.SIZE_FACTOR["direction"])
     assert len(list(tmp_path.rglob("*.webm"))) == info["num_videos"]
