@@ -48,7 +48,7 @@ CLIP_FRAMES = 40
 ACTIVITYNET_FRAMES = 96
 # Videos per class relative to --videos-per-class. "direction" stands in for Moments in Time, the
 # largest of the four real datasets; it also needs the most distinct clips: with 24 a class its
-# head fits the look of its 96 training clips instead of their motion and stays at chance on
+# head seems to fit the look of its 96 training clips, not their motion, and stays at chance on
 # validation, while three times as many clips teach it motion (README: "What the demo shows").
 SIZE_FACTOR = {"shapecolor": 1, "shape": 1, "color": 1, "direction": 3}
 GENERATOR_VERSION = 5  # bump when the rendering changes, so cached demo data is rebuilt
