@@ -39,20 +39,19 @@ def parse_args(argv=None):
 def param_groups(model: torch.nn.Module, weight_decay: float, proj_lr_scale: float = 1.0) -> list[dict]:
     """No weight decay on biases, norms, position tables and other 1-D or table parameters;
     the projection heads in a group of their own when their learning rate is scaled."""
-    decay, no_decay, proj = [], [], []
     proj_heads = getattr(model, "proj", None)  # absent on a bare backbone
-    scaled = {id(p) for p in proj_heads.parameters()} if proj_heads and proj_lr_scale != 1.0 else set()
+    scaled = [p for p in proj_heads.parameters() if p.requires_grad] \
+        if proj_heads is not None and proj_lr_scale != 1.0 else []
+    own_group = {id(p) for p in scaled}
+    decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in own_group:
             continue
         skip = p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "rel_pos" in name or "cls_token" in name
-        if id(p) in scaled:
-            proj.append(p)
-        else:
-            (no_decay if skip else decay).append(p)
+        (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if proj:
-        groups.append({"params": proj, "weight_decay": weight_decay, "lr_scale": proj_lr_scale})
+    if scaled:
+        groups.append({"params": scaled, "weight_decay": weight_decay, "lr_scale": proj_lr_scale})
     return groups
 
 
@@ -67,8 +66,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
                 "optim.impl=apex needs NVIDIA apex (github.com/NVIDIA/apex, built with its CUDA "
                 "extensions); it is not on the package registry. Install it or use optim.impl=torch, "
                 "whose fused AdamW is as fast on current GPUs.") from e
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+        optimizer = FusedAdam(groups, adam_w_mode=True, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+    set_lr(optimizer, cfg.optim.lr)  # the scaled group at its own rate from the start (bench.py)
+    return optimizer
 
 
 def lr_at(cfg: Config, step: int, steps_per_epoch: int, total_steps: int) -> float:

@@ -162,9 +162,9 @@ def _sample_world(rng, **fixed) -> dict:
 
 def _plan(out: Path, counts: dict[str, int], seed: int) -> tuple[list[dict], dict]:
     """All render jobs plus the annotation content, derived only from ``seed``."""
-    jobs, ann = [], {"shapecolor": {}, "shape": {}, "color": {}, "direction": {}}
     planners = {"shapecolor": _plan_shapecolor, "shape": _plan_shape, "color": _plan_color,
                 "direction": _plan_direction}
+    jobs, ann = [], {name: {} for name in planners}
     for split_no, split in enumerate(SPLITS):
         for name, plan in planners.items():
             n = counts[split] * SIZE_FACTOR[name]

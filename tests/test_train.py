@@ -198,7 +198,7 @@ def test_no_weight_decay_on_biases_norms_and_tables():
 
 
 def test_projection_heads_get_their_own_scaled_learning_rate():
-    from train import param_groups, set_lr
+    from train import build_optimizer, param_groups, set_lr
     cfg = load_config(DEMO, check_paths=False)
     model = runtime.build_model(cfg, {"a": 3, "b": 2})
     assert len(param_groups(model, 0.05)) == 2  # scale 1: the paper's two groups, unchanged
@@ -213,6 +213,10 @@ def test_projection_heads_get_their_own_scaled_learning_rate():
     set_lr(optimizer, 3e-4)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([3e-4, 3e-4, 3e-3])
     assert optimizer.param_groups[2]["weight_decay"] == 0.05
+    # build_optimizer sets every group's rate itself (bench.py steps without set_lr).
+    built = build_optimizer(cfg, model, torch.device("cpu"))
+    assert cfg.optim.proj_lr_scale == 10  # the demo's setting
+    assert [g["lr"] for g in built.param_groups] == pytest.approx([2e-4, 2e-4, 2e-3])
 
 
 def test_apex_missing_gives_clear_error():
