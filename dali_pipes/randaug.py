@@ -10,7 +10,9 @@ Folding: the drawn ops keep their magnitudes but run in a fixed family order (ge
 autocontrast, colour, sharpness, posterize, solarize), so the graph needs one conditional
 branch per family instead of n x ops. Geometric picks compose into one affine matrix (one
 resampling instead of several), colour factors multiply, posterize/solarize keep the
-strongest pick. Magnitude ranges follow timm's RandAugment (rotate 30 deg, shear 0.3,
+strongest pick. Colour picks without "color" (brightness, contrast) compose to a scalar
+affine a * x + b, the "tone", which DALI's CPU applies ~20x faster than a 3x4 matrix; after
+autocontrast the tone joins its per-channel affine (one pass, one rounding). Magnitude ranges follow timm's RandAugment (rotate 30 deg, shear 0.3,
 translate 0.45 of the side, enhance factors 1 +- 0.9, posterize down to 4 bits, solarize
 threshold down to 0) on the paper's 0..10 scale.
 """
@@ -28,8 +30,11 @@ PARAM_SPECS = {
     "ra_affine": (np.float32, (2, 3)),  # forward map of (x, y, 1) in crop pixels
     "ra_do_affine": (np.bool_, ()),
     "ra_do_autocontrast": (np.bool_, ()),
+    "ra_tone_scale": (np.float32, ()),  # brightness/contrast composed: a * x + b, this is a
+    "ra_tone_shift": (np.float32, ()),  # ... and this b, in 0..255 units
+    "ra_do_tone": (np.bool_, ()),  # tone on its own (else folded into autocontrast or colour)
     "ra_color": (np.float32, (3, 4)),  # [M T]: out_rgb = M @ rgb + T (colour ops composed)
-    "ra_do_color": (np.bool_, ()),
+    "ra_do_color": (np.bool_, ()),  # a "color" pick: the full matrix, tone included
     "ra_sharp": (np.float32, (3, 3)),  # convolution kernel
     "ra_do_sharp": (np.bool_, ()),
     "ra_post_mask": (np.uint8, ()),  # bit mask keeping the top `bits` bits
@@ -42,6 +47,8 @@ PARAM_SPECS = {
 def identity_params() -> dict:
     return {"ra_affine": np.array([[1, 0, 0], [0, 1, 0]], np.float32),
             "ra_do_affine": np.array(False), "ra_do_autocontrast": np.array(False),
+            "ra_tone_scale": np.array(1.0, np.float32), "ra_tone_shift": np.array(0.0, np.float32),
+            "ra_do_tone": np.array(False),
             "ra_color": np.eye(3, 4, dtype=np.float32), "ra_do_color": np.array(False),
             "ra_sharp": _sharp_kernel(1.0), "ra_do_sharp": np.array(False),
             "ra_post_mask": np.array(0xFF, np.uint8), "ra_do_post": np.array(False),
@@ -102,7 +109,7 @@ def draw_rand_augment(rng: np.random.Generator, n: int, magnitude: float, magnit
     """Parameters of one clip's RandAugment: n ops (uniform, with replacement), magnitude
     m + N(0, std) clipped to [0, 10], random sign; `size` is the square crop side."""
     p = identity_params()
-    affine, colour = np.eye(3), np.eye(4)
+    affine, colour, mixes = np.eye(3), np.eye(4), False
     for _ in range(n):
         op = OPS[int(rng.integers(len(OPS)))]
         m = magnitude + (rng.normal(0.0, magnitude_std) if magnitude_std > 0 else 0.0)
@@ -113,7 +120,8 @@ def draw_rand_augment(rng: np.random.Generator, n: int, magnitude: float, magnit
             p["ra_do_affine"] = np.array(True)
         elif op in ("brightness", "contrast", "color"):
             colour = _colour_matrix(op, max(0.0, 1.0 + sign * 0.9 * f)) @ colour
-            p["ra_do_color"] = np.array(True)
+            mixes = mixes or op == "color"
+            p["ra_do_tone"] = np.array(True)
         elif op == "sharpness":
             p["ra_sharp"] = _sharp_kernel(1.0 + sign * 0.9 * f)
             p["ra_do_sharp"] = np.array(True)
@@ -129,8 +137,21 @@ def draw_rand_augment(rng: np.random.Generator, n: int, magnitude: float, magnit
         elif op == "autocontrast":
             p["ra_do_autocontrast"] = np.array(True)
     p["ra_affine"] = affine[:2].astype(np.float32)
-    p["ra_color"] = colour[:3].astype(np.float32)
+    _set_colour(p, colour, mixes)
     return p
+
+
+def _set_colour(p: dict, colour: np.ndarray, mixes: bool) -> None:
+    """Route the composed 4x4 colour map: the full matrix when a "color" op mixes channels,
+    else the scalar tone (brightness and contrast keep M = a I and T = b 1)."""
+    if mixes:
+        p["ra_color"] = colour[:3].astype(np.float32)
+        p["ra_do_color"], p["ra_do_tone"] = np.array(True), np.array(False)
+        return
+    p["ra_tone_scale"] = np.array(colour[0, 0], np.float32)
+    p["ra_tone_shift"] = np.array(colour[0, 3], np.float32)
+    if bool(p["ra_do_autocontrast"]):
+        p["ra_do_tone"] = np.array(False)  # the autocontrast pass applies it
 
 
 # ----------------------------------------------------------------------------------- DALI ---
@@ -163,12 +184,10 @@ def apply_dali(x, p: dict, on_gpu: bool, geom_interp: str = "linear"):
                            interp_type=types.INTERP_NN if geom_interp == "nn"
                            else types.INTERP_LINEAR)
     if p["ra_do_autocontrast"]:
-        # Clip-level (FHW) extremes keep one transform for every frame of the clip.
-        lo = fn.reductions.min(x, axis_names="FHW", keep_dims=True)
-        hi = fn.reductions.max(x, axis_names="FHW", keep_dims=True)
-        span = fn.cast(hi, dtype=types.FLOAT) - fn.cast(lo, dtype=types.FLOAT)
-        scale = 255.0 / (span + (span == 0.0) * 255.0)  # flat channel: unchanged
-        x = fn.cast((x - lo) * scale, dtype=types.UINT8)
+        x = _autocontrast_tone(x, p, on_gpu)
+    if p["ra_do_tone"]:
+        x = fn.brightness_contrast(x, brightness=p["ra_tone_scale"],
+                                   brightness_shift=p["ra_tone_shift"] / 255.0)
     if p["ra_do_color"]:
         # One pass for every colour op (rounded and saturated to uint8 once, at the end).
         x = fn.coord_transform(x, MT=p["ra_color"], dtype=types.UINT8)
@@ -180,6 +199,28 @@ def apply_dali(x, p: dict, on_gpu: bool, geom_interp: str = "linear"):
         # 255 - x == x ^ 255 for uint8: inverts pixels at or above the threshold, no casts.
         x = x ^ ((x >= dev(p["ra_sol_thr"])) * types.Constant(255, dtype=types.UINT8))
     return x
+
+
+def _autocontrast_tone(x, p: dict, on_gpu: bool):
+    """Per-channel stretch of the clip's (FHW) range to 0..255, then the tone a * x + b, as one
+    per-channel affine: x * k + c, k = 255 a / span, c = b - lo * k; flat channels (span 0)
+    only get the tone, as PIL leaves them. Clip-level extremes keep one transform per clip."""
+    from nvidia.dali import fn, types
+
+    lo = fn.cast(fn.reductions.min(x, axis_names="FHW", keep_dims=True), dtype=types.FLOAT)
+    hi = fn.cast(fn.reductions.max(x, axis_names="FHW", keep_dims=True), dtype=types.FLOAT)
+    span = hi - lo  # (1, 1, 1, 3)
+    flat = span == 0.0
+    a, b = p["ra_tone_scale"], p["ra_tone_shift"]
+    if not on_gpu:
+        # fn.normalize computes (x - mean) / stddev straight to uint8: ~30% faster on the CPU
+        # than the expression below, whose float -> uint8 cast is the slow part.
+        sd = (span + flat * 255.0) / (255.0 * a)
+        return fn.normalize(x, axis_names="FHW", mean=lo * (1.0 - flat) - b * sd, stddev=sd,
+                            dtype=types.UINT8)
+    # Argument inputs must live on the CPU, so the GPU evaluates the affine as arithmetic.
+    k = 255.0 / (span + flat * 255.0) * a.gpu()
+    return fn.cast((x - lo * (1.0 - flat)) * k + b.gpu(), dtype=types.UINT8)
 
 
 # ---------------------------------------------------------------------------------- torch ---
@@ -206,6 +247,8 @@ def apply_torch(x, p: dict, geom_interp: str = "linear"):
         hi = x.amax(dim=(0, 2, 3), keepdim=True)
         span = hi - lo
         x = torch.where(span > 0, (x - lo) * 255.0 / span.clamp_min(1e-6), x)
+    if bool(p["ra_do_autocontrast"]) or bool(p["ra_do_tone"]):
+        x = (x * float(p["ra_tone_scale"]) + float(p["ra_tone_shift"])).round().clamp(0, 255)
     if bool(p["ra_do_color"]):
         mt = torch.from_numpy(p["ra_color"]).to(x.dtype)  # (3, 4)
         x = (torch.einsum("ij,tjhw->tihw", mt[:, :3], x) + mt[:, 3].view(1, 3, 1, 1))

@@ -4,7 +4,7 @@ Both paths decode the same frames of the same VP9 files and apply the same augme
 the same per-sample parameters (short-side resize of the crop window, crop, flip,
 RandAugment, normalise); only the engine differs.
 
-    python tools/data_throughput.py --threads 2 --workers 2 --clips 96 --rounds 3
+    python tools/data_throughput.py --threads 2 --workers 2 --clips 96 --rounds 5
 
 Files: VP9 320x240 clips generated once into --data (default /tmp/mt_throughput), or any
 manifest directory via --manifest.
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the peer")
     ap.add_argument("--rand-aug-n", type=int, default=4)
     ap.add_argument("--clips", type=int, default=96, help="clips timed per engine and round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
 
     import torch
