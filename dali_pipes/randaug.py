@@ -151,7 +151,9 @@ def _set_colour(p: dict, colour: np.ndarray, mixes: bool) -> None:
     p["ra_tone_scale"] = np.array(colour[0, 0], np.float32)
     p["ra_tone_shift"] = np.array(colour[0, 3], np.float32)
     if bool(p["ra_do_autocontrast"]):
-        p["ra_do_tone"] = np.array(False)  # the autocontrast pass applies it
+        p["ra_do_tone"] = np.array(False)  # the autocontrast pass applies it ...
+        # ... and divides by the scale (a product of n factors >= 0.1: tiny only for huge n)
+        p["ra_tone_scale"] = np.array(max(float(colour[0, 0]), 1e-6), np.float32)
 
 
 # ----------------------------------------------------------------------------------- DALI ---

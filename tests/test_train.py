@@ -95,12 +95,12 @@ def test_short_demo_run_recovers_relations(tmp_path):
     """The method end to end on the full-size demo data: the demo recipe shortened to 7 epochs
     (567 steps, ~3.5 min with the data on 2 cores) at a faster lr. Ranking target classes at
     random finds 8 of the 24 true relations on average (each has a 1/3 chance, sd 2.3); this
-    recipe found 17 and 16 with seeds 0 and 1."""
+    recipe found 19, 19, 17 and 19 with seeds 0-3 (lr 5e-4 was less steady: 18, 10, 19)."""
     from dali_pipes.synthetic import prepare_demo
     prepare_demo(tmp_path / "demo_data", progress=False)  # 24 (direction: 72) videos per class
     run_dir = tmp_path / "run"
     r = run([sys.executable, str(ROOT / "train.py"), "--cfg", str(DEMO), f"train.output_dir={run_dir}",
-             "optim.epochs=7", "optim.lr=5e-4", "optim.warmup_start_lr=5e-5", "train.vis_clips=0",
+             "optim.epochs=7", "optim.lr=3e-4", "optim.warmup_start_lr=5e-5", "train.vis_clips=0",
              *NO_VAL], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(run_dir)], tmp_path)
