@@ -12,9 +12,10 @@ branch per family instead of n x ops. Geometric picks compose into one affine ma
 resampling instead of several), colour factors multiply, posterize/solarize keep the
 strongest pick. Colour picks without "color" (brightness, contrast) compose to a scalar
 affine a * x + b, the "tone", which DALI's CPU applies ~20x faster than a 3x4 matrix; after
-autocontrast the tone joins its per-channel affine (one pass, one rounding). Magnitude ranges follow timm's RandAugment (rotate 30 deg, shear 0.3,
-translate 0.45 of the side, enhance factors 1 +- 0.9, posterize down to 4 bits, solarize
-threshold down to 0) on the paper's 0..10 scale.
+autocontrast the tone joins its per-channel affine (one pass, one rounding). Magnitude
+ranges follow timm's RandAugment (rotate 30 deg, shear 0.3, translate 0.45 of the side,
+enhance factors 1 +- 0.9, posterize down to 4 bits, solarize threshold down to 0) on the
+paper's 0..10 scale.
 """
 from __future__ import annotations
 
