@@ -40,12 +40,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, proj_lr_scale: flo
     """No weight decay on biases, norms, position tables and other 1-D or table parameters;
     the projection heads in a group of their own when their learning rate is scaled."""
     proj_heads = getattr(model, "proj", None)  # absent on a bare backbone
-    scaled = [p for p in proj_heads.parameters() if p.requires_grad] \
-        if proj_heads is not None and proj_lr_scale != 1.0 else []
-    own_group = {id(p) for p in scaled}
-    decay, no_decay = [], []
+    own_group = {id(p) for p in proj_heads.parameters()} \
+        if proj_heads is not None and proj_lr_scale != 1.0 else set()
+    scaled, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in own_group:
+        if not p.requires_grad:
+            continue
+        if id(p) in own_group:
+            scaled.append(p)
             continue
         skip = p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "rel_pos" in name or "cls_token" in name
         (no_decay if skip else decay).append(p)

@@ -149,12 +149,13 @@ def _set_colour(p: dict, colour: np.ndarray, mixes: bool) -> None:
         p["ra_color"] = colour[:3].astype(np.float32)
         p["ra_do_color"], p["ra_do_tone"] = np.array(True), np.array(False)
         return
-    p["ra_tone_scale"] = np.array(colour[0, 0], np.float32)
-    p["ra_tone_shift"] = np.array(colour[0, 3], np.float32)
+    scale = float(colour[0, 0])
     if bool(p["ra_do_autocontrast"]):
         p["ra_do_tone"] = np.array(False)  # the autocontrast pass applies it ...
         # ... and divides by the scale (a product of n factors >= 0.1: tiny only for huge n)
-        p["ra_tone_scale"] = np.array(max(float(colour[0, 0]), 1e-6), np.float32)
+        scale = max(scale, 1e-6)
+    p["ra_tone_scale"] = np.array(scale, np.float32)
+    p["ra_tone_shift"] = np.array(colour[0, 3], np.float32)
 
 
 # ----------------------------------------------------------------------------------- DALI ---
