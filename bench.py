@@ -79,14 +79,31 @@ def model_classes(cfg: Config) -> dict:
     return counts
 
 
+# Dense bf16 (fp16 where the GPU has no bf16) tensor-core peaks of the datasheets, TFLOP/s.
+DATASHEET_TFLOPS = (("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+                    ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
+                    ("L40S", 362.0), ("L40", 181.0), ("A10", 125.0), ("V100", 125.0))
+
+
+def datasheet_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_TFLOPS if key in name), None)
+
+
+def train_flops_per_clip(macs: float, act_checkpoint: bool) -> float:
+    """Flops of one training clip: forward, backward (2x forward) and, with activation
+    checkpointing, the forward recomputed in backward; 2 flops per multiply-add."""
+    return 2 * macs * (4 if act_checkpoint else 3)
+
+
 def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     from train import build_optimizer  # the exact optimizer of training
     torch.manual_seed(0)
     num_classes = model_classes(cfg)
     model = runtime.build_model(cfg, num_classes).to(env.device)
-    if cfg.model.compile:
-        model = torch.compile(model)
-    plain = runtime.unwrap(model)
+    train_model = torch.compile(model) if cfg.model.compile else model
     frames, crop = runtime.input_geometry(cfg)
     precision = runtime.resolve_precision(cfg, env.device)
     optimizer = build_optimizer(cfg, model, env.device)
@@ -102,7 +119,7 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     def step():
         optimizer.zero_grad(set_to_none=True)
         with runtime.autocast(precision, env.device):
-            out = model(video)
+            out = train_model(video)
         loss, _ = loss_fn(out, targets, masks)
         loss.backward()
         optimizer.step()
@@ -110,58 +127,84 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     for _ in range(warmup):
         step()
     sync(env.device)
-    t0 = time.perf_counter()
-    for i in range(iters):
+    progress = Progress("model", iters, b)
+    for _ in range(iters):
         step()
-        progress("model", i + 1, iters, t0, b)
-    sync(env.device)
-    elapsed = time.perf_counter() - t0
-    clips_s = b * iters / elapsed
-    macs = count_flops(plain.backbone, (1, 3, frames, crop, crop))  # multiply-adds per clip, forward
-    tflops = clips_s * 3 * 2 * macs / 1e12  # training ≈ 3 forwards; 2 flops per multiply-add
+        progress.tick(sync_device=env.device)
+    clips_s = progress.rate()
+    macs = count_flops(model.backbone, (1, 3, frames, crop, crop))  # multiply-adds per clip, forward
+    tflops = clips_s * train_flops_per_clip(macs, cfg.model.act_checkpoint) / 1e12
     peak = matmul_peak_tflops(env.device, precision)
+    sheet = datasheet_tflops(env.device)
+    mem = runtime.memory_gb(env.device)
     return {"clips_per_s": clips_s, "batch": b, "precision": precision, "gmacs_per_clip": macs / 1e9,
             "tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak,
-            "peak_mem_gb": runtime.memory_gb(env.device),
+            "datasheet_tflops": sheet, "mfu_datasheet": tflops / sheet if sheet else None,
+            "peak_mem_allocated_gb": mem.get("allocated", 0.0),
+            "peak_mem_reserved_gb": mem.get("reserved", 0.0),
             "act_checkpoint": cfg.model.act_checkpoint, "compile": cfg.model.compile}
 
 
-def progress(mode: str, i: int, n: int, t0: float, per_iter: int) -> None:
-    rate = per_iter * i / max(time.perf_counter() - t0, 1e-9)
-    print(f"\r  {mode}: {i}/{n} iterations, {rate:.1f} clips/s", end="\n" if i == n else "", flush=True)
+class Progress:
+    """One progress line every ~10% of the iterations (lines stay readable in a log file), the
+    rate measured from the end of the first timed iteration: a batch prefetched during warm-up
+    arrives at once, and counting it would report an absurd first rate."""
+
+    def __init__(self, mode: str, total: int, per_iter: int):
+        self.mode, self.total, self.per_iter = mode, total, per_iter
+        self.every = max(1, total // 10)
+        self.done, self.t_first, self.t_last = 0, None, None
+
+    def tick(self, sync_device: torch.device | None = None) -> None:
+        self.done += 1
+        if sync_device is not None and (self.done == 1 or self.done == self.total
+                                        or self.done % self.every == 0):
+            sync(sync_device)  # sync point: a rate needs the device's work finished
+        now = time.perf_counter()
+        if self.done == 1:
+            self.t_first = now
+        self.t_last = now
+        if self.done > 1 and (self.done % self.every == 0 or self.done == self.total):
+            print(f"  {self.mode}: {self.done}/{self.total} iterations, {self.rate():.1f} clips/s",
+                  flush=True)
+
+    def rate(self) -> float:
+        """Clips/s over iterations 2..done (the first only starts the clock)."""
+        if self.done < 2:
+            return float("nan")
+        return self.per_iter * (self.done - 1) / max(self.t_last - self.t_first, 1e-9)
 
 
 class TimedRun:
-    """Pulls warmup + iters batches from a loader across epochs; only the last `iters` are timed,
-    with the time spent waiting for them (train.py's data-wait measure)."""
+    """Pulls warmup + iters batches from a loader across epochs; the timed ones are measured
+    by Progress, with the time spent waiting for them (train.py's data-wait measure)."""
 
-    def __init__(self, mode: str, device: torch.device, warmup: int, iters: int):
+    def __init__(self, mode: str, device: torch.device, warmup: int, iters: int, batch: int):
         self.mode, self.device, self.warmup, self.iters = mode, device, warmup, iters
-        self.done, self.clips, self.waited, self.t0 = 0, 0, 0.0, None
+        self.done, self.waited = 0, 0.0
+        self.progress = Progress(mode, iters, batch)
 
     def batches(self, loader):
         from train import timed
         epoch = 0
         while self.done < self.warmup + self.iters:
             for batch, wait_s in timed(loader.epoch(epoch)):
-                if self.done == self.warmup:
-                    sync(self.device)
-                    self.t0, wait_s = time.perf_counter(), 0.0
-                self.waited += wait_s if self.done >= self.warmup else 0.0
+                if self.done > self.warmup:  # the first timed batch only starts the clock
+                    self.waited += wait_s
                 yield batch
                 if self.done >= self.warmup + self.iters:
                     return
             epoch += 1
 
-    def count(self, batch) -> None:
+    def count(self) -> None:
         self.done += 1
         if self.done > self.warmup:
-            self.clips += batch.video.shape[0]
-            progress(self.mode, self.done - self.warmup, self.iters, self.t0, batch.video.shape[0])
+            self.progress.tick(sync_device=self.device)
 
-    def finish(self) -> tuple[int, float]:
-        sync(self.device)
-        return self.clips, time.perf_counter() - self.t0
+    def finish(self) -> tuple[float, float]:
+        """(clips/s, share of the timed span spent waiting for data)."""
+        span = max(self.progress.t_last - self.progress.t_first, 1e-9)
+        return self.progress.rate(), min(self.waited / span, 1.0)
 
 
 def bench_data(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
@@ -169,13 +212,18 @@ def bench_data(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
-    run = TimedRun("data", env.device, warmup, iters)
-    for batch in run.batches(loader):
-        run.count(batch)
-    clips, elapsed = run.finish()
+    run = TimedRun("data", env.device, warmup, iters, cfg.data.batch_size)
+    for _ in run.batches(loader):
+        run.count()
+    clips_s, _ = run.finish()
     loader.close()
-    return {"clips_per_s": clips / elapsed, "frames_per_s": clips * frames / elapsed,
-            "batch": cfg.data.batch_size, "decode_device": cfg.data.decode_device, "threads": cfg.data.num_threads}
+    return {"clips_per_s": clips_s, "frames_per_s": clips_s * frames,
+            "batch": cfg.data.batch_size, "decode_device": decode_name(loader.decode_device),
+            "threads": cfg.data.num_threads}
+
+
+def decode_name(decode_device: str) -> str:
+    return "nvdec" if decode_device == "mixed" else decode_device
 
 
 def bench_data_peer(cfg: Config, env: runtime.Env, iters: int, warmup: int, workers: int) -> dict:
@@ -190,38 +238,44 @@ def bench_data_peer(cfg: Config, env: runtime.Env, iters: int, warmup: int, work
 
 def bench_e2e(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     """Real optimizer steps of train.py's train_step, fed by the DALI loader."""
-    from dali_pipes import MixupCutmix, build_train_loader
-    from train import build_optimizer, train_step
+    import numpy as np
+
+    from dali_pipes import build_train_loader
+    from train import build_mixup, build_optimizer, train_step
     frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
     torch.manual_seed(0)
     model = runtime.build_model(cfg, loader.num_classes).to(env.device)
-    if cfg.model.compile:
-        model = torch.compile(model)
+    train_model = torch.compile(model) if cfg.model.compile else model
     precision = runtime.resolve_precision(cfg, env.device)
     optimizer = build_optimizer(cfg, model, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     loss_fn = MultiTrainLoss(loader.names, w_proj=cfg.loss.w_proj, w_inf=cfg.loss.w_inf)
-    mixup = MixupCutmix(loader.num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
-                        cfg.data.mixup_prob, cfg.data.mixup_switch_prob, cfg.data.label_smoothing)
-    gen = torch.Generator(device=env.device).manual_seed(0)
-    run = TimedRun("e2e", env.device, warmup, iters)
-    for batch in run.batches(loader):
-        train_step(model, loss_fn, [batch], mixup, optimizer, scaler, cfg, precision, env.device, gen)
-        run.count(batch)
-    clips, elapsed = run.finish()
+    mixup = build_mixup(cfg, loader.num_classes)
+    run = TimedRun("e2e", env.device, warmup, iters, cfg.data.batch_size)
+    for k, batch in enumerate(run.batches(loader)):
+        train_step(train_model, None, loss_fn, [batch], mixup, optimizer, scaler, cfg, precision,
+                   np.random.default_rng(k))
+        run.count()
+    clips_s, wait = run.finish()
     loader.close()
-    return {"clips_per_s": clips / elapsed, "data_wait_frac": run.waited / elapsed, "precision": precision,
-            "batch": cfg.data.batch_size}
+    return {"clips_per_s": clips_s, "data_wait_frac": wait, "precision": precision,
+            "batch": cfg.data.batch_size, "decode_device": decode_name(loader.decode_device)}
 
 
 def versions() -> dict:
-    import nvidia.dali
-    v = {"python": platform.python_version(), "torch": torch.__version__, "dali": nvidia.dali.__version__}
+    """Versions of what the figures depend on; a package that is absent says so."""
+    import importlib
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for key, module in (("dali", "nvidia.dali"), ("pyav", "av")):
+        try:
+            v[key] = importlib.import_module(module).__version__
+        except ImportError:
+            v[key] = "not installed"
     if torch.cuda.is_available():
         v["cuda"] = torch.version.cuda
-        v["driver_gpu"] = torch.cuda.get_device_name()
+        v["gpu"] = torch.cuda.get_device_name()
     return v
 
 

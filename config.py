@@ -64,8 +64,12 @@ class DataConfig:
     decode_device: str = "auto"
     # Workers of the PyAV fallback decoder used for codecs the chosen DALI decoder cannot read.
     fallback_workers: int = 2
-    # Seconds a single video may take to decode before it is quarantined as hung.
+    # Seconds a single video may take to be read or decoded; a file that times out twice is
+    # quarantined as hung (a FIFO or a hung network mount never blocks training for longer).
     decode_timeout: float = 60.0
+    # Leave out files whose probe saw decode errors (FFmpeg concealed a corrupt stretch: the
+    # manifest builder keeps them only with --keep-decode-errors); false trains on them.
+    skip_decode_errors: bool = True
     # Training spatial augmentation: "scale" = short side to a random size in train_scale then a
     # random crop (the paper); "rrc" = random-resized-crop.
     train_aug: str = "scale"
@@ -91,6 +95,11 @@ class DataConfig:
     mixup_prob: float = 1.0
     # Probability of CutMix instead of mixup when both are enabled.
     mixup_switch_prob: float = 0.5
+    # Mixup/CutMix between clips of different datasets mixes the pixels either way; false (the
+    # MultiTrain authors): a clip's targets and loss stay in its own dataset, the partner's
+    # dataset gets nothing from it; true: the partner's dataset head also learns (1 - lam) of
+    # the partner's label from the mixed clip.
+    mixup_cross_dataset: bool = False
     # Label smoothing of the per-dataset soft targets.
     label_smoothing: float = 0.1
     # Ground-truth cross-dataset class relations (relations.json of the synthetic demo data);

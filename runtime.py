@@ -29,6 +29,9 @@ class Env:
     world_size: int
     local_rank: int
     device: torch.device
+    # Process group for small host-side agreements (the stop flag): gloo on CPU tensors, so
+    # agreeing never waits for the GPU's queue. None in a single process.
+    control_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -47,12 +50,31 @@ def setup_env() -> Env:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        # Clip shapes are fixed for a whole run: let cuDNN pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = True
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return Env(rank, world, local_rank, device)
+    control = None
+    if world > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return Env(rank, world, local_rank, device, control)
+
+
+# Host reads of device values in the training hot path go through host_value, so they are
+# counted (tests assert there are none per step with a fused optimizer) and easy to find.
+HOST_READS = {"count": 0}
+
+
+def host_value(t: torch.Tensor):
+    """t as a Python number or list. SYNC POINT: waits for the device's queue to drain.
+    Meta tensors (the CPU stand-in for a GPU in tests) carry no values: None."""
+    if t.device.type == "meta":
+        return None
+    HOST_READS["count"] += 1
+    return t.tolist()
 
 
 def teardown_env(env: Env) -> None:
@@ -98,7 +120,10 @@ def autocast(precision: str, device: torch.device):
 # ---------------------------------------------------------------- model
 
 def build_model(cfg: Config, num_classes: dict, projections: bool = True) -> MultiTrainModel:
-    """The backbone of cfg.model plus one head per dataset, the expander and the projections."""
+    """The backbone of cfg.model plus one head per dataset, the expander and the projections.
+
+    Parts whose loss has weight 0 are not built: under DDP a module without gradients fails
+    the second step, and an unused module only costs memory."""
     overrides = dict(cls_embed=cfg.model.cls_embed, rel_pos=cfg.model.rel_pos,
                      drop_path=cfg.model.drop_path, act_checkpoint=cfg.model.act_checkpoint,
                      skip_from_norm=cfg.model.skip_from_norm)
@@ -110,7 +135,8 @@ def build_model(cfg: Config, num_classes: dict, projections: bool = True) -> Mul
     return MultiTrainModel(backbone, num_classes, head_hidden=cfg.model.head_hidden,
                            head_dropout=cfg.model.head_dropout,
                            expander_hidden=cfg.model.expander_hidden,
-                           expander_dim=cfg.model.expander_dim, projections=projections)
+                           expander_dim=cfg.model.expander_dim if cfg.loss.w_inf else 0,
+                           projections=projections and cfg.loss.w_proj > 0)
 
 
 def input_geometry(cfg: Config) -> tuple[int, int]:
@@ -194,9 +220,13 @@ class Throughput:
         return rate
 
 
-def memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated so far, in GiB (0 on CPU)."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+def memory_gb(device: torch.device) -> dict:
+    """Peak GPU memory so far in GiB: allocated by tensors and reserved by the caching allocator
+    (what the device really had to hold); empty off the GPU."""
+    if device.type != "cuda":
+        return {}
+    return {"allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+            "reserved": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
 def format_eta(seconds: float) -> str:

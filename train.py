@@ -13,7 +13,9 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -21,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import runtime
 from config import Config, ConfigError, config_to_dict, load_config, save_config
 from dali_pipes import MixupCutmix, build_train_loader
-from eval import evaluate, write_eval_summaries
+from eval import EvaluationStopped, evaluate, write_eval_summaries
 from models import MultiTrainLoss, projection_pairs
 
 
@@ -70,7 +72,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
                 "whose fused AdamW is as fast on current GPUs.") from e
         optimizer = FusedAdam(groups, adam_w_mode=True, **kwargs)
     else:
-        optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+        # Fused AdamW (CUDA and CPU) also takes a device-side found_inf flag, which skips a
+        # non-finite step without reading anything back to the host (train_step).
+        optimizer = torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
     set_lr(optimizer, cfg.optim.lr)  # the scaled group at its own rate from the start (bench.py)
     return optimizer
 
@@ -102,35 +106,46 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
 # ---------------------------------------------------------------- preemption
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 (cluster preemption) ask the loop to save and exit at the next step."""
+    """SIGTERM/SIGUSR1 (cluster preemption) and Ctrl-C (SIGINT) ask the loop to save and exit at
+    the next step; a second Ctrl-C exits at once."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt  # the second Ctrl-C: leave now, unsaved
+        if not self.requested:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step, then "
+                  "exiting" + (" (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""),
+                  flush=True)
         self.requested = True
 
     def agreed(self, env: runtime.Env) -> bool:
-        """All ranks stop at the same step, whichever of them got the signal."""
+        """All ranks stop at the same step, whichever of them got the signal. The vote is on
+        CPU tensors over gloo: no wait for the GPU."""
         if not env.distributed:
             return self.requested
-        flag = torch.tensor([float(self.requested)], device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=env.control_group)
         return bool(flag.item())
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def checkpoint_state(cfg, model, optimizer, scaler, position, step, nonfinite, meta):
-    """Everything a resumed run needs; `position` is the next sample of the epoch ordering."""
+def checkpoint_state(cfg, model, optimizer, scaler, position, step, nonfinite, meta,
+                     eval_pending=False):
+    """Everything a resumed run needs; `position` is the loader's place in its epoch ordering
+    (global samples), `eval_pending` an evaluation due at this epoch end and not yet done."""
     return {
         "model": runtime.unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "loader": position,
         "step": step, "epoch": position["epoch"], "nonfinite": nonfinite,
+        "eval_pending": eval_pending,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "config": config_to_dict(cfg),
@@ -170,24 +185,82 @@ def restore(state, model, optimizer, scaler, loader) -> None:
 
 # ---------------------------------------------------------------- logging
 
-class Logger:
-    """TensorBoard events and a metrics.jsonl line per step, written by rank 0 only."""
+class StepStats:
+    """Per-step values summed on the device and read once per log interval (one host sync
+    instead of one per value and step). Steps with a non-finite loss are counted, not summed."""
 
-    def __init__(self, env: runtime.Env, run_dir: str):
+    def __init__(self):
+        self.sums: dict = {}
+        self.steps = 0
+        self.skipped = None  # () device count of skipped steps in the interval
+        self.run = None  # () device count of non-finite steps in a row, carried over intervals
+        self.worst_run = None  # () longest such run in the interval
+
+    def add(self, values: dict, finite: torch.Tensor) -> None:
+        ok = finite.float()
+        for k, v in values.items():
+            v = torch.where(finite, v.detach().float(), 0.0)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        bad = 1.0 - ok
+        self.skipped = bad if self.skipped is None else self.skipped + bad
+        self.run = bad if self.run is None else (self.run + 1.0) * bad
+        self.worst_run = self.run if self.worst_run is None else torch.maximum(self.worst_run, self.run)
+        self.steps += 1
+
+    def read(self) -> tuple[dict, int, int, int]:
+        """(means, skipped steps, longest non-finite run, current run). Means are over the
+        finite steps and named as logged ("loss/<term>", "loss/ce/<dataset>", "grad_norm"); a
+        dataset's CE is averaged over its samples ("n/<d>") and absent when it had none.
+        SYNC POINT: one host read of all the sums."""
+        keys = list(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys] + [self.skipped, self.worst_run, self.run])
+        values = runtime.host_value(stacked)
+        if values is None:  # meta stand-in device: nothing to read
+            values = [0.0] * len(stacked)
+        *sums, skipped, worst, run = values
+        total = dict(zip(keys, sums))
+        finite_steps = self.steps - int(skipped)
+        out = {}
+        for k, v in total.items():
+            if k.startswith("ce_sum/"):
+                n = total["n/" + k[len("ce_sum/"):]]
+                if n > 0:
+                    out["loss/ce/" + k[len("ce_sum/"):]] = v / n
+            elif not k.startswith("n/") and finite_steps:
+                out[k if k == "grad_norm" else f"loss/{k}"] = v / finite_steps
+        self.sums, self.steps, self.skipped, self.worst_run = {}, 0, None, None
+        return out, int(skipped), int(worst), int(run)
+
+
+class Logger:
+    """TensorBoard events and a metrics.jsonl line per logged step, written by rank 0 only. On
+    resume, what was logged after the resumed step is dropped (the run logs it again)."""
+
+    def __init__(self, env: runtime.Env, run_dir: str, resumed_step: int = 0):
         self.env = env
         self.tb = None
         self.jsonl = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            _truncate_metrics(path, resumed_step)
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resumed_step + 1
+                                    if resumed_step else None)
+            self.jsonl = open(path, "a")
 
     def step(self, step: int, record: dict) -> None:
         if not self.env.is_main:
             return
+        clean = {}
         for key, value in record.items():
-            self.tb.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+            if isinstance(value, float) and not math.isfinite(value):
+                clean[key] = None  # strict JSON has no NaN; the row says which values were lost
+                clean.setdefault("nonfinite", []).append(key)
+                continue
+            clean[key] = value
+            if isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self.jsonl.flush()
 
     def clips(self, step: int, video: torch.Tensor, cfg: Config, dataset_names: list[str]) -> None:
@@ -200,7 +273,7 @@ class Logger:
             clip = (video[i].float() * std + mean).clamp(0, 255) / 255  # (3, T, H, W)
             frames = clip[:, :: max(clip.shape[1] // 8, 1)]  # (3, <=8, H, W)
             strip = torch.cat(list(frames.unbind(1)), dim=2)  # (3, H, <=8·W)
-            self.tb.add_image(f"train_clips/{i}_{dataset_names[i]}", strip.cpu(), step)
+            self.tb.add_image(f"train_clips/{i}_{dataset_names[i]}", strip.cpu(), step)  # sync, once an epoch
 
     def relations(self, step: int, pairs: dict) -> None:
         if not self.env.is_main:
@@ -216,37 +289,92 @@ class Logger:
             self.jsonl.close()
 
 
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keeps the metrics.jsonl rows up to `step` (all of them on a fresh start: step 0 means
+    nothing was resumed); a torn last line of a killed run is dropped too."""
+    if not step or not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class QuarantineReporter:
+    """One console line per quarantined file, at most `per_minute` a minute (the rest are
+    counted and summed up in the next line), rank 0's and every rank's alike."""
+
+    def __init__(self, env: runtime.Env, per_minute: int = 10):
+        self.env, self.per_minute = env, per_minute
+        self.window_t0, self.shown, self.hidden = time.monotonic(), 0, 0
+
+    def __call__(self, dataset: str, path: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self.window_t0 > 60:
+            self.window_t0, self.shown = now, 0
+        if self.shown >= self.per_minute:
+            self.hidden += 1
+            return
+        self.shown += 1
+        more = f" (+{self.hidden} more not shown)" if self.hidden else ""
+        self.hidden = 0
+        print(f"[rank {self.env.rank}] quarantined {dataset}: {path}: {reason}{more}", flush=True)
+
+
 # ---------------------------------------------------------------- the loop
 
-def train_step(model, loss_fn, batches, mixup, optimizer, scaler, cfg, precision, device, generator):
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused AdamW skips its update on the device when optimizer.found_inf is set."""
+    return any(g.get("fused") for g in optimizer.param_groups)
+
+
+def train_step(model, ddp, loss_fn, batches, mixup, optimizer, scaler, cfg, precision, rng):
     """One optimizer step over `len(batches)` accumulated micro-batches.
 
-    Returns (loss, terms, grad_norm, applied). The loss is computed on the global batch (the loss
-    gathers over ranks), so every rank sees the same value and agrees on skipping a bad step.
+    Returns (values, finite): the logged values as device tensors and a () bool tensor. Nothing
+    is read back to the host with a fused optimizer (a non-finite step is skipped on the
+    device); other optimizers read one flag. The loss is computed on the global batch (the loss
+    gathers over ranks), so every rank agrees on skipping a bad step. `ddp` is the
+    DistributedDataParallel wrapper (None in one process): under torch.compile the model is
+    not a DDP instance, so no_sync is taken from `ddp` itself.
     """
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
-    terms_sum: dict[str, float] = {}
+    values: dict = {}
     for i, batch in enumerate(batches):
-        video, targets, masks = mixup(batch.video, batch.dataset_ids, batch.labels, generator)
-        sync = i == len(batches) - 1 or not isinstance(model, DDP)
-        with (model.no_sync() if not sync else torch.enable_grad()):
-            with runtime.autocast(precision, device):
+        video, targets, masks = mixup(batch.video, batch.dataset_ids, batch.labels, rng)
+        last = i == len(batches) - 1
+        with ddp.no_sync() if ddp is not None and not last else nullcontext():
+            with runtime.autocast(precision, video.device):
                 out = model(video)  # logits {name: (B, C_d)}, embed (B, D_e), proj {(s, d): (B, C_d)}
             loss, terms = loss_fn(out, targets, masks)
             scaler.scale(loss / len(batches)).backward()
-        total += loss.detach() / len(batches)
         for k, v in terms.items():
-            terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / len(batches)
+            # per-dataset CE as sums and sample counts: averaged over the samples really seen
+            v = v / len(batches) if not k.startswith(("ce_sum/", "n/")) else v
+            values[k] = values[k] + v if k in values else v
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    finite = bool(torch.isfinite(total).item()) and bool(torch.isfinite(grad_norm).item())
-    if finite or precision == "fp16":  # GradScaler skips non-finite fp16 steps itself
-        scaler.step(optimizer)
+    finite = torch.isfinite(values["total"]) & torch.isfinite(grad_norm)  # () bool, on the device
+    if precision == "fp16":
+        scaler.step(optimizer)  # GradScaler skips non-finite fp16 steps itself
+    elif supports_found_inf(optimizer):
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+        optimizer.step()
+    elif runtime.host_value(finite) is not False:  # SYNC POINT (non-fused optimizers only)
+        optimizer.step()
     scaler.update()
-    return float(total), terms_sum, float(grad_norm), finite
+    values["grad_norm"] = grad_norm
+    return values, finite
 
 
 def main(argv=None) -> int:
@@ -260,7 +388,8 @@ def main(argv=None) -> int:
     # ---- build
     num_frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=num_frames, crop_size=crop, rank=env.rank,
-                                world_size=env.world_size, device=env.device)
+                                world_size=env.world_size, device=env.device,
+                                on_quarantine=QuarantineReporter(env))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
     model = runtime.build_model(cfg, loader.num_classes).to(env.device)
     runtime.init_from_pretrained(cfg, model, env)
@@ -268,8 +397,7 @@ def main(argv=None) -> int:
     loss_fn = MultiTrainLoss(loader.names, lambdas={d.name: d.loss_weight for d in cfg.data.datasets},
                              w_proj=cfg.loss.w_proj, w_inf=cfg.loss.w_inf,
                              var_weight=cfg.loss.var_weight, cov_weight=cfg.loss.cov_weight)
-    mixup = MixupCutmix(loader.num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
-                        cfg.data.mixup_prob, cfg.data.mixup_switch_prob, cfg.data.label_smoothing)
+    mixup = build_mixup(cfg, loader.num_classes)
     optimizer = build_optimizer(cfg, model, env.device)
     precision = runtime.resolve_precision(cfg, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
@@ -282,18 +410,18 @@ def main(argv=None) -> int:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     # ---- resume
-    step, epoch, nonfinite = 0, 0, 0
+    step, epoch, nonfinite, eval_pending = 0, 0, 0, False
     ckpt_path, state = resume_state(args, run_dir)
     if state is not None:
         restore(state, model, optimizer, scaler, loader)
         step, epoch, nonfinite = state["step"], state["epoch"], state["nonfinite"]
+        eval_pending = bool(state.get("eval_pending"))
         runtime.log(env, f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
     if env.is_main:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    if env.distributed:
-        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if cfg.model.compile:
-        model = torch.compile(model)
+    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.distributed else None
+    train_model = torch.compile(ddp or model) if cfg.model.compile else (ddp or model)
     micro_batch = cfg.data.batch_size * env.world_size
     if cfg.loss.w_inf and micro_batch <= cfg.model.expander_dim:
         # The covariance of B samples has rank < B, so with B <= D_e the off-diagonal term cannot
@@ -301,62 +429,84 @@ def main(argv=None) -> int:
         runtime.log(env, f"warning: informative loss over {micro_batch} clips per step with expander_dim "
                          f"{cfg.model.expander_dim}: its covariance term cannot vanish; use more clips "
                          "per step (GPUs x data.batch_size) or a smaller model.expander_dim")
-    logger = Logger(env, run_dir)
+    logger = Logger(env, run_dir, resumed_step=step)
     stop = StopFlag()
     runtime.log(env, f"training {cfg.model.arch} on {', '.join(loader.names)}: {env.world_size} process(es), "
                      f"{precision}, batch {cfg.data.batch_size}x{env.world_size}x{accum} = "
                      f"{cfg.optim.global_batch}, {steps_per_epoch} steps/epoch, {total_steps} steps")
+    for line in describe_data(loader):
+        runtime.log(env, line)
 
     # ---- loop
-    speed, waited, busy_t0 = runtime.Throughput(), 0.0, time.perf_counter()
+    stats, speed, waited, busy_t0 = StepStats(), runtime.Throughput(), 0.0, time.perf_counter()
     run_t0, steps_at_start = time.perf_counter(), step
+    # Waiting for a batch is cut short by a signal in one process; ranks must stop together.
+    waiting_stop = None if env.distributed else (lambda: stop.requested)
+    if eval_pending and not run_evaluation(env, cfg, model, loader, logger, step, num_frames,
+                                           crop, run_dir, stop):
+        return finish_stopped(env, logger, loader, step)
     while step < total_steps:
         batches = []
-        for batch, wait_s in timed(loader.epoch(epoch)):
+        for batch, wait_s in timed(loader.epoch(epoch, should_stop=waiting_stop)):
             waited += wait_s
             if batch.epoch_step == 0:
-                logger.clips(step, batch.video, cfg, [loader.names[i] for i in batch.dataset_ids.tolist()])
+                logger.clips(step, batch.video, cfg, [loader.names[i] for i in batch.datasets])
             batches.append(batch)
             if len(batches) < accum:
                 continue
             set_lr(optimizer, lr_at(cfg, step, steps_per_epoch, total_steps))
-            generator = torch.Generator(device=env.device).manual_seed(
-                cfg.train.seed * 1_000_003 + step)  # mixup draws reproduce on resume
-            loss, terms, gnorm, applied = train_step(model, loss_fn, batches, mixup, optimizer, scaler,
-                                                     cfg, precision, env.device, generator)
+            rng = np.random.default_rng([cfg.train.seed, step])  # mixup draws reproduce on resume
+            values, finite = train_step(train_model, ddp, loss_fn, batches, mixup, optimizer,
+                                        scaler, cfg, precision, rng)
+            stats.add(values, finite)
             speed.add(sum(b.video.shape[0] for b in batches) * env.world_size)
             epoch_step = batches[-1].epoch_step // accum + 1  # optimizer steps done in this epoch
             batches = []
             step += 1
-            nonfinite = check_nonfinite(env, cfg, step, applied, nonfinite)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 busy = time.perf_counter() - busy_t0
-                log_step(env, logger, loader, step, epoch, total_steps, steps_at_start, run_t0,
-                         loss, terms, gnorm, speed, optimizer, min(waited / max(busy, 1e-9), 1.0))
+                nonfinite = log_step(env, cfg, logger, loader, stats, step, epoch, total_steps,
+                                     steps_at_start, run_t0, speed, optimizer,
+                                     min(waited / max(busy, 1e-9), 1.0))
                 waited, busy_t0 = 0.0, time.perf_counter()
             end_of_epoch = epoch_step == steps_per_epoch
             stopping = stop.agreed(env)
+            eval_due = end_of_epoch and (step == total_steps or bool(
+                cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0))
             if stopping or end_of_epoch or step == total_steps or step % cfg.train.ckpt_every == 0:
-                position = {"epoch": epoch + 1, "step": 0} if end_of_epoch else \
-                    {"epoch": epoch, "step": epoch_step * accum}
+                position = {"epoch": epoch + 1, "samples": 0, "quarantined": loader.num_quarantined} \
+                    if end_of_epoch else loader.state_dict()
                 save_checkpoint(env, cfg, run_dir, checkpoint_state(
-                    cfg, model, optimizer, scaler, position, step, nonfinite, meta))
+                    cfg, model, optimizer, scaler, position, step, nonfinite, meta,
+                    eval_pending=eval_due))
             if stopping:
-                runtime.log(env, f"stop signal: checkpoint saved at step {step}; the same command resumes")
-                shutdown(env, logger, loader)
-                return 0
+                return finish_stopped(env, logger, loader, step)
             if end_of_epoch or step == total_steps:
                 break
+        if stop.agreed(env):  # a signal while waiting for data: save where the steps stopped
+            save_checkpoint(env, cfg, run_dir, checkpoint_state(
+                cfg, model, optimizer, scaler, loader.state_dict(), step, nonfinite, meta))
+            return finish_stopped(env, logger, loader, step)
         epoch += 1
         if step == total_steps or (cfg.train.eval_every and epoch % cfg.train.eval_every == 0):
-            run_evaluation(env, cfg, model, loader, logger, step, num_frames, crop, run_dir)
+            if not run_evaluation(env, cfg, model, loader, logger, step, num_frames, crop,
+                                  run_dir, stop):
+                return finish_stopped(env, logger, loader, step)
 
     # ---- save
     export_inference(env, cfg, model, meta, run_dir)
     runtime.log(env, f"done: {step} steps in {runtime.format_eta(time.perf_counter() - run_t0)}; "
                      f"TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tb')}")
+    for line in quarantine_summary(loader):
+        runtime.log(env, line)
     shutdown(env, logger, loader)
     return 0
+
+
+def build_mixup(cfg: Config, num_classes: dict) -> MixupCutmix:
+    d = cfg.data
+    return MixupCutmix(num_classes, d.mixup_alpha, d.cutmix_alpha, d.mixup_prob,
+                       d.mixup_switch_prob, d.label_smoothing, cross_dataset=d.mixup_cross_dataset)
 
 
 def timed(iterable):
@@ -371,15 +521,40 @@ def timed(iterable):
         yield item, time.perf_counter() - t0
 
 
-def check_nonfinite(env, cfg, step, applied, nonfinite) -> int:
-    nonfinite = 0 if applied else nonfinite + 1
-    if nonfinite:
-        runtime.log(env, f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
-    if nonfinite > cfg.train.max_nonfinite:
-        raise RuntimeError(
-            f"{nonfinite} non-finite steps in a row (train.max_nonfinite={cfg.train.max_nonfinite}): "
-            "lower optim.lr, check the data, or use train.precision=bf16/fp32")
-    return nonfinite
+def describe_data(loader) -> list[str]:
+    """One line per dataset: its size, where its files are decoded, what is left out."""
+    from dali_pipes import routing
+    names = {routing.NVDEC: "NVDEC", routing.DALI_CPU: "DALI CPU", routing.PYAV: "PyAV fallback"}
+    lines = []
+    for d, name in enumerate(loader.names):
+        routes = routing.summarize(loader._decoder.route(r) for r in loader.records[d])
+        parts = []
+        for r, count in routes["summary"].items():
+            if count:
+                why = routes["reasons"][r] if r == routing.PYAV else {}
+                detail = " (" + ", ".join(f"{k} {v:,}" for k, v in sorted(
+                    why.items(), key=lambda kv: -kv[1])[:3]) + ")" if why else ""
+                parts.append(f"{names[r]} {count:,}{detail}")
+        excluded = sum(loader.excluded.get(name, {}).values())
+        line = f"{name}: {len(loader.records[d]):,} videos: " + ", ".join(parts)
+        if excluded:
+            kinds = ", ".join(f"{k} {v}" for k, v in loader.excluded[name].items())
+            line += f"; {excluded:,} left out (quarantined earlier or probe errors: {kinds})"
+        lines.append(line)
+    return lines
+
+
+def quarantine_summary(loader) -> list[str]:
+    if not loader.quarantined:
+        return []
+    return [f"quarantined during this run: {name}: " + ", ".join(f"{k} {v}" for k, v in kinds.items())
+            for name, kinds in loader.quarantined.items()]
+
+
+def finish_stopped(env, logger, loader, step) -> int:
+    runtime.log(env, f"stop signal: checkpoint saved at step {step}; the same command resumes")
+    shutdown(env, logger, loader)
+    return 0
 
 
 def shutdown(env, logger, loader) -> None:
@@ -388,32 +563,52 @@ def shutdown(env, logger, loader) -> None:
     runtime.teardown_env(env)
 
 
-def log_step(env, logger, loader, step, epoch, total_steps, steps_at_start, run_t0,
-             loss, terms, gnorm, speed, optimizer, wait_frac):
+def log_step(env, cfg, logger, loader, stats, step, epoch, total_steps, steps_at_start, run_t0,
+             speed, optimizer, wait_frac) -> int:
+    """Reads the interval's values (the one host sync of the interval), logs them, and stops
+    the run after too many non-finite steps in a row; returns the current run length."""
+    means, skipped, worst_run, nonfinite = stats.read()
     clips_s = speed.rate_and_reset()
-    record = {"loss/total": loss, **{f"loss/{k}": v for k, v in terms.items() if k != "total"},
-              "lr": optimizer.param_groups[0]["lr"], "grad_norm": gnorm,
+    record = {"loss/total": float("nan"), "grad_norm": float("nan"), **means,
+              "lr": optimizer.param_groups[0]["lr"],
               "perf/clips_per_s": clips_s, "perf/data_wait_frac": wait_frac,
-              "perf/gpu_mem_gb": runtime.memory_gb(env.device), "data/quarantined": float(loader.num_quarantined)}
+              "data/quarantined": float(loader.num_quarantined), "steps_skipped": float(skipped)}
+    for kind, gb in runtime.memory_gb(env.device).items():
+        record[f"perf/gpu_mem_{kind}_gb"] = gb
     logger.step(step, record)
     elapsed = time.perf_counter() - run_t0
     eta = elapsed / max(step - steps_at_start, 1) * (total_steps - step)
-    runtime.log(env, f"epoch {epoch + 1} step {step}/{total_steps} loss {loss:.4f} lr {record['lr']:.2e} "
-                     f"|g| {gnorm:.2f} {clips_s:.1f} clips/s data-wait {100 * wait_frac:.0f}% "
-                     f"eta {runtime.format_eta(eta)}")
+    skipped_note = f" ({skipped} non-finite steps skipped)" if skipped else ""
+    runtime.log(env, f"epoch {epoch + 1} step {step}/{total_steps} loss {record['loss/total']:.4f} "
+                     f"lr {record['lr']:.2e} |g| {record['grad_norm']:.2f} {clips_s:.1f} clips/s "
+                     f"data-wait {100 * wait_frac:.0f}% quarantined {loader.num_quarantined} "
+                     f"eta {runtime.format_eta(eta)}{skipped_note}")
+    if worst_run > cfg.train.max_nonfinite:
+        raise RuntimeError(
+            f"{worst_run} non-finite steps in a row (train.max_nonfinite="
+            f"{cfg.train.max_nonfinite}): lower optim.lr, check the data, or use "
+            "train.precision=bf16/fp32")
+    return nonfinite
 
 
-def run_evaluation(env, cfg, model, loader, logger, step, num_frames, crop, run_dir):
+def run_evaluation(env, cfg, model, loader, logger, step, num_frames, crop, run_dir, stop) -> bool:
+    """Evaluates every dataset with a val_manifest; False when a stop signal cut it short (the
+    checkpoint of this epoch end has eval_pending, so the resumed run evaluates first)."""
     if not any(ds.val_manifest for ds in cfg.data.datasets):
-        return
+        return True
     plain = runtime.unwrap(model)
-    results = evaluate(plain, cfg, env, num_frames, crop, loader.classes)
+    try:
+        results = evaluate(plain, cfg, env, num_frames, crop, loader.classes,
+                           should_stop=lambda: stop.requested)  # local: ranks' batch counts differ
+    except EvaluationStopped:
+        return False
     if env.is_main:
         write_eval_summaries(logger.tb, results, step)
         logger.relations(step, projection_pairs(plain, loader.classes, k=5))
         with open(os.path.join(run_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
     plain.train()
+    return True
 
 
 def export_inference(env, cfg, model, meta, run_dir) -> None:

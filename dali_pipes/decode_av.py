@@ -5,25 +5,23 @@ container (VFR, missing durations, broken indices) at the cost of decoding the f
 the clip; dataset clips are short (Kinetics 10 s), so exactness wins over seeking.
 
 Rotation: frames are returned in *display* orientation (the probe's clockwise `rotation` is
-applied). DALI's decoder returns stored frames, so `needs_fallback` sends every rotated file
+applied). DALI's decoder returns stored frames, so `routing.route` sends every rotated file
 here and both paths therefore always hand the augmentation upright frames.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
+import os
+import stat
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 
 DEFAULT_TIMEOUT_S = 60.0
-
-# Codecs of DALI 2.4's CPU decoder (SPEC section 6; fn.decoders.video docstring).
-CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
-# NVDEC through fn.decoders.video(device="mixed"): the operator's docstring lists AV1, MPEG-4,
-# H.264, H.265 besides VP8/VP9/MJPEG; NVDEC decodes 4:2:0 8-bit content only (SPEC section 6).
-GPU_CODECS = frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"})
-GPU_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "nv12"})
+# OS errors of the machine, not of a file: they stop the run (dali_pipes/faults.py).
+_MACHINE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC})
 
 
 class DecodeError(RuntimeError):
@@ -34,33 +32,39 @@ class DecodeError(RuntimeError):
         super().__init__(f"cannot decode {path}: {reason}")
 
     def __reduce__(self):
-        return (DecodeError, (self.path, self.reason))
+        return (type(self), (self.path, self.reason))
 
 
-def needs_fallback(probe: dict, device: str) -> bool:
-    """True when the DALI decoder on `device` ("cpu" or "mixed"/"gpu") cannot read the file."""
-    codec = str(probe.get("codec", "")).lower()
-    if int(probe.get("rotation", 0) or 0) % 360:
-        return True  # DALI ignores display matrices; PyAV output is rotated upright
-    if int(probe.get("stream_index", 0) or 0) != _first_video_stream(probe):
-        return True  # DALI decodes the first video stream only
-    if device == "cpu":
-        return codec not in CPU_CODECS
-    pix_fmt = str(probe.get("pix_fmt", "yuv420p")).lower()
-    # MJPEG is 4:2:2/4:4:4 (yuvj422p) from most cameras; NVDEC's JPEG path is 4:2:0 too.
-    return codec not in GPU_CODECS or pix_fmt not in GPU_PIX_FMTS
+class DecodeTimeout(DecodeError):
+    """A decode (or read) that did not finish in time: retried before anything is quarantined,
+    since a loaded machine or a slow mount can cause it as well as the file."""
 
 
-def _first_video_stream(probe: dict) -> int:
-    others = [s.get("index", 0) for s in probe.get("video_streams", []) or []]
-    return min([int(probe.get("stream_index", 0) or 0)] + [int(i) for i in others])
+def read_file(path: str) -> np.ndarray:
+    """The bytes of a regular file, for DALI's decoder. Anything else (a FIFO, a directory, a
+    device) is refused before it is opened: opening a FIFO blocks until a writer comes."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else \
+                "FIFO" if stat.S_ISFIFO(st.st_mode) else "special file"
+            raise DecodeError(path, f"not a regular file (a {kind})")
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        if exc.errno in _MACHINE_ERRNOS:
+            raise  # the machine's fault (faults.classify names it), not the file's
+        raise DecodeError(path, f"cannot read the file: {exc.strerror or exc}") from None
+    if data.size == 0:
+        raise DecodeError(path, "file is empty (0 bytes)")
+    return data
 
 
 def decode_frames(path: str, indices: Sequence[int], stream_index: int = 0,
                   timeout: Optional[float] = DEFAULT_TIMEOUT_S, rotation: int = 0) -> np.ndarray:
     """(len(indices), H, W, 3) uint8 RGB frames at `indices` (any order, repeats allowed).
 
-    Indices past the end of the stream repeat the last frame, like the samplers' padding.
+    Every index must decode: the samplers keep indices below the probed frame count, so a
+    stream that ends earlier was changed (truncated) after probing and raises DecodeError.
     `timeout` bounds the decoding time of this video (checked between frames).
     """
     import av
@@ -72,27 +76,34 @@ def decode_frames(path: str, indices: Sequence[int], stream_index: int = 0,
     last_wanted = int(idx.max())
     deadline = None if timeout is None else time.monotonic() + timeout
     got: dict[int, np.ndarray] = {}
-    last = None
+    decoded = 0
     try:
+        if not os.path.isfile(path):  # a FIFO would block av.open until a writer comes
+            read_file(path)  # raises the precise reason
         with av.open(str(path), mode="r", timeout=30.0) as container:
             stream = container.streams[stream_index]
             stream.thread_type = "AUTO"  # frame threads; PyAV releases the GIL while decoding
             for n, frame in enumerate(container.decode(stream)):
                 if deadline is not None and time.monotonic() > deadline:
-                    raise DecodeError(path, f"decode timeout after {timeout:.0f} s")
-                if n in wanted or n == last_wanted:
-                    last = frame.to_ndarray(format="rgb24")  # (H, W, 3)
-                    got[n] = last
+                    raise DecodeTimeout(path, f"decode timeout after {timeout:.0f} s")
+                decoded = n + 1
+                if n in wanted:
+                    got[n] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
                 if n >= last_wanted:
                     break
     except DecodeError:
         raise
-    except (av.error.FFmpegError, IndexError, ValueError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno in _MACHINE_ERRNOS:
+            raise
         raise DecodeError(path, f"{type(exc).__name__}: {exc}") from None
-    if not got:
-        raise DecodeError(path, "zero decodable frames")
-    tail = got[max(got)]
-    frames = np.stack([got.get(int(i), tail) for i in idx])  # (T, H, W, 3)
+    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        raise DecodeError(path, f"{type(exc).__name__}: {exc}") from None
+    if len(got) < len(wanted):
+        raise DecodeError(path, f"short decode: the stream ends after {decoded} frames but frame "
+                                f"{last_wanted} was asked for (changed since probing? rebuild "
+                                "the manifest)")
+    frames = np.stack([got[int(i)] for i in idx])  # (T, H, W, 3)
     k = (-int(rotation) // 90) % 4  # np.rot90 turns counter-clockwise
     if k:
         frames = np.ascontiguousarray(np.rot90(frames, k=k, axes=(1, 2)))
@@ -100,43 +111,39 @@ def decode_frames(path: str, indices: Sequence[int], stream_index: int = 0,
 
 
 class FallbackPool:
-    """Thread pool around `decode_frames` with a per-video timeout.
+    """Thread pools for PyAV decodes and file reads, each job bounded by a timeout.
 
-    Threads suffice because PyAV releases the GIL inside libavcodec. A decoder stuck inside C
-    cannot be interrupted: its result is abandoned after `timeout` (plus a grace second), the
-    video is reported as hung, and the pool grows a replacement thread so work goes on.
+    Threads suffice because PyAV and file reads release the GIL. A decoder stuck inside C or a
+    read blocked on a hung mount cannot be interrupted: its result is abandoned after `timeout`
+    (plus a grace second) as DecodeTimeout, and the pool grows a replacement thread so work
+    goes on.
     """
 
     def __init__(self, workers: int = 2, timeout: float = DEFAULT_TIMEOUT_S):
         self.workers, self.timeout = max(1, workers), timeout
-        self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="pyav")
-        self._hung = 0
+        self._decoders = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="pyav")
+        self._readers = cf.ThreadPoolExecutor(2, thread_name_prefix="reader")
+        self.hung = 0
 
     def submit(self, path: str, indices, stream_index: int = 0, rotation: int = 0) -> cf.Future:
-        return self._pool.submit(decode_frames, path, indices, stream_index, self.timeout, rotation)
+        return self._decoders.submit(decode_frames, path, indices, stream_index, self.timeout,
+                                     rotation)
 
-    def result(self, future: cf.Future, path: str) -> np.ndarray:
-        """The frames of `future`, or DecodeError (decode failure or hang)."""
+    def submit_read(self, path: str) -> cf.Future:
+        return self._readers.submit(read_file, path)
+
+    def result(self, future: cf.Future, path: str):
+        """The value of `future`; DecodeError for a failure of the file, DecodeTimeout for a hang."""
         try:
             return future.result(timeout=self.timeout + 1.0)
         except cf.TimeoutError:
-            self._hung += 1
+            self.hung += 1
             # The hung thread keeps its slot; add capacity so the queue keeps moving.
-            self._pool._max_workers = self.workers + self._hung  # noqa: SLF001
-            raise DecodeError(path, f"decoder hung for more than {self.timeout:.0f} s") from None
-
-    def decode_many(self, jobs: list[tuple]) -> list:
-        """[(path, indices, stream_index, rotation)] -> [frames or DecodeError], in order."""
-        futures = [self.submit(*job) for job in jobs]
-        out = []
-        for job, fut in zip(jobs, futures):
-            try:
-                out.append(self.result(fut, job[0]))
-            except DecodeError as exc:
-                out.append(exc)
-            except Exception as exc:  # noqa: BLE001 - any failure of one file is that file's
-                out.append(DecodeError(job[0], f"{type(exc).__name__}: {exc}"))
-        return out
+            for pool in (self._decoders, self._readers):
+                pool._max_workers += 1  # noqa: SLF001
+            raise DecodeTimeout(path, f"no answer for more than {self.timeout:.0f} s (a hung "
+                                      "decoder, or a read blocked on a hung mount)") from None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._decoders, self._readers):
+            pool.shutdown(wait=False, cancel_futures=True)

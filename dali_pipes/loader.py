@@ -1,76 +1,63 @@
-"""Training and evaluation loaders: sampler -> per-sample parameters -> DALI or PyAV -> torch.
+"""Training and evaluation loaders: sampler -> per-sample parameters -> decoder -> torch.
 
 Each batch is decoded by DALI for the files its decoder reads and by the PyAV fallback for the
-rest (frames then go through the same augmentation graph), then put back in sampler order.
-A file that fails is quarantined (manifest dir's quarantine.jsonl, source "train") and its
-slot is refilled with another video of the same dataset, chosen from (seed, epoch, sample id,
-attempt), so a resumed run makes the same replacement.
+rest (dali_pipes/decoder.py), then put back in sampler order, on the training device.
+
+A file that fails (alone, again, in a fresh pipeline) is quarantined (manifest dir's
+quarantine.jsonl, source "train") and its slot is refilled with another video of the same
+dataset. The candidates for a slot are a fixed sequence drawn from (seed, epoch, sample id,
+attempt), the first one not known to be bad is taken: the choice depends on which files are
+broken, not on when the run found out, so a resumed run makes the same replacement.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from dali_pipes import pipeline as P
-from dali_pipes.decode_av import DecodeError, FallbackPool, needs_fallback
+from dali_pipes.decoder import Decoder, Item, stack_samples
 from dali_pipes.sampling import (MultiDatasetSampler, clip_indices, sample_rng,
                                  test_clip_indices, uniform_indices)
 
-MAX_REPLACEMENTS = 20  # attempts to refill one slot before the batch fails loudly
+MAX_REPLACEMENTS = 20  # failed decodes in a row for one slot before the batch fails loudly
+MAX_CANDIDATES = 100_000  # replacement candidates looked at for one slot
+JOIN_TIMEOUT_S = 5.0  # longest wait for a loader thread at the end of an epoch
 
 
 @dataclass
 class Batch:
     video: torch.Tensor  # (B, 3, T, H, W) float32, normalised, on the training device
-    dataset_ids: torch.Tensor  # (B,) long, index into cfg.data.datasets
-    labels: torch.Tensor  # (B,) long, class index within the sample's own dataset
-    sample_ids: torch.Tensor  # (B,) long, global sample id of the epoch ordering
+    dataset_ids: torch.Tensor  # (B,) long on the training device, index into cfg.data.datasets
+    labels: torch.Tensor  # (B,) long on the training device, class index in its own dataset
+    sample_ids: torch.Tensor  # (B,) long on the training device, global sample id of the epoch
     epoch_step: int  # step of this batch within its epoch
+    datasets: list  # (B,) dataset index of every row, on the host (no device read needed)
     wait_s: float = 0.0  # time the consumer waited for this batch (0 when prefetch kept up)
+    ready: Optional[object] = None  # CUDA event: the loader stream finished writing the tensors
+
+    def tensors(self) -> list:
+        return [self.video, self.dataset_ids, self.labels, self.sample_ids]
 
 
 @dataclass
 class EvalBatch:
     video: torch.Tensor  # (N, V, 3, T, H, W) float32, V = temporal x spatial, temporal-major
     dataset: str  # dataset name
-    labels: torch.Tensor  # (N,) long
-    video_ids: torch.Tensor  # (N,) long, index in the validation manifest
+    labels: torch.Tensor  # (N,) long, on the evaluation device
+    video_ids: torch.Tensor  # (N,) long, index in the validation manifest (host)
 
     def __iter__(self):  # unpacks as (video, dataset name, labels, video indices)
         return iter((self.video, self.dataset, self.labels, self.video_ids))
-
-
-@dataclass
-class _Item:
-    dataset: int
-    video: int
-    sample_id: int
-    record: dict
-    indices: np.ndarray  # (T,) or (t*T,) int32 frame indices
-    params: dict  # named per-sample graph inputs
-    encoded: Optional[np.ndarray] = None  # file bytes, read ahead by the preparing thread
-
-    def load(self) -> "_Item":
-        if self.encoded is None:
-            self.encoded = np.fromfile(self.record["path"], dtype=np.uint8)
-        return self
-
-
-def resolve_decode_device(cfg, device: torch.device) -> str:
-    """"mixed" (NVDEC) or "cpu" for cfg.data.decode_device on the training device."""
-    choice = cfg.data.decode_device
-    if choice == "gpu" or (choice == "auto" and device.type == "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("data.decode_device asks for the GPU decoder but CUDA is unavailable")
-        return "mixed"
-    return "cpu"
 
 
 def display_size(probe: dict) -> tuple[int, int]:
@@ -91,116 +78,70 @@ def frame_bounds(record: dict) -> tuple[int, Optional[int]]:
     return start, end
 
 
-class _Decoder:
-    """Runs items through the DALI bytes graph or the PyAV fallback + frames graph."""
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> training device; pinned and asynchronous on CUDA (the copy is ordered on
+    the caller's current stream)."""
+    if x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
-    def __init__(self, cfg, mode: str, num_frames: int, crop_size: int, device: torch.device,
-                 batch_size: int, num_spatial: int = 1):
+
+class LoaderStream:
+    """The loader thread's own CUDA stream. Batches are made on it and handed over with an
+    event the training stream waits for (no host sync) and record_stream, so the caching
+    allocator never gives a block the training step still reads to the next batch."""
+
+    def __init__(self, device: torch.device):
         self.device = device
-        self.decode_device = resolve_decode_device(cfg, device)
-        mk = lambda source: P.GraphSpec(  # noqa: E731
-            mode, source, self.decode_device, crop_size, tuple(cfg.data.mean), tuple(cfg.data.std),
-            rand_aug=cfg.data.rand_aug_n > 0, num_spatial=num_spatial, test_scale=cfg.data.test_scale,
-            geom_interp=self.geom_interp)
-        self.geom_interp = P.default_geom_interp(self.decode_device)
-        device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
-            if self.decode_device == "mixed" else None
-        self._specs = {P.BYTES: mk(P.BYTES), P.FRAMES: mk(P.FRAMES)}
-        self._runner_args = (batch_size, max(1, cfg.data.num_threads), device_id, cfg.train.seed)
-        self._runners: dict = {}
-        self.pool = FallbackPool(cfg.data.fallback_workers, cfg.data.decode_timeout)
+        self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
 
-    def _runner(self, source: str) -> P.GraphRunner:
-        # Built lazily: a run whose files all suit DALI never builds the frames graph.
-        if source not in self._runners:
-            self._runners[source] = P.GraphRunner(self._specs[source], *self._runner_args)
-        return self._runners[source]
-
-    def uses_fallback(self, item: _Item) -> bool:
-        return needs_fallback(item.record["probe"], self.decode_device)
-
-    def run(self, items: list[_Item]) -> tuple[list, list]:
-        """(outputs, errors): per item a tensor (DALI output of one sample) or None + reason."""
-        outs: list = [None] * len(items)
-        errs: list = [None] * len(items)
-        fb = [i for i, it in enumerate(items) if self.uses_fallback(it)]
-        dali = [i for i in range(len(items)) if i not in set(fb)]
-        jobs = [(items[i].record["path"], items[i].indices,
-                 int(items[i].record["probe"].get("stream_index", 0) or 0),
-                 int(items[i].record["probe"].get("rotation", 0) or 0)) for i in fb]
-        futures = [self.pool.submit(*job) for job in jobs]  # decode while DALI runs
-        self._run_graph(P.BYTES, [items[i] for i in dali], dali, outs, errs, self._bytes_inputs)
-        frames_ok, frames = [], []
-        for i, job, fut in zip(fb, jobs, futures):
-            try:
-                frames.append(self.pool.result(fut, job[0]))
-                frames_ok.append(i)
-            except DecodeError as exc:
-                errs[i] = exc.reason
-            except Exception as exc:  # noqa: BLE001 - any failure is the file's
-                errs[i] = f"{type(exc).__name__}: {exc}"
-        feed = {i: f for i, f in zip(frames_ok, frames)}
-        self._run_graph(P.FRAMES, [items[i] for i in frames_ok], frames_ok, outs, errs,
-                        lambda its, pos: self._frames_inputs(its, [feed[p] for p in pos]))
-        return outs, errs
-
-    def _run_graph(self, source, items, positions, outs, errs, make_inputs) -> None:
-        if not items:
+    @contextlib.contextmanager
+    def producing(self):
+        if self.stream is None:
+            yield
             return
-        runner = self._runner(source)
-        try:
-            batch = runner.run(make_inputs(items, positions))
-            for k, pos in enumerate(positions):
-                outs[pos] = batch[k]
+        torch.cuda.set_device(self.device)  # the current device is per thread
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def mark_ready(self, batch) -> None:
+        if self.stream is not None:
+            batch.ready = torch.cuda.Event()
+            batch.ready.record(self.stream)
+
+    def hand_over(self, batch) -> None:
+        """On the consumer's thread: order its stream after the batch, record the tensors' use."""
+        if self.stream is None or batch.ready is None:
             return
-        except Exception as exc:  # noqa: BLE001 - DALI fails the whole batch; find culprits
-            if len(items) == 1:
-                errs[positions[0]] = _short_error(exc)
-                return
-        for it, pos in zip(items, positions):
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(batch.ready)
+        for t in batch.tensors():
+            if t.is_cuda:
+                t.record_stream(consumer)
+
+
+def reason_kind(reason: str) -> str:
+    """A short class of a quarantine reason for summaries ("short decode", "cannot read ...")."""
+    text = str(reason)
+    for prefix in ("DecodeError: ", "RuntimeError: ", "ProbeError: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text.split(":")[0].split(" (")[0][:60]
+
+
+def read_quarantine(directory) -> list[dict]:
+    """Rows of a manifest folder's quarantine.jsonl; a torn line (a kill mid-write) is skipped."""
+    path = Path(directory) / "quarantine.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                outs[pos] = runner.run(make_inputs([it], [pos]))[0]
-            except Exception as exc:  # noqa: BLE001
-                errs[pos] = _short_error(exc)
-
-    @staticmethod
-    def _bytes_inputs(items: list[_Item], _positions) -> dict:
-        inputs = {"encoded": [it.load().encoded for it in items],
-                  "indices": [it.indices.astype(np.int32) for it in items]}
-        return _merge_params(inputs, items)
-
-    @staticmethod
-    def _frames_inputs(items: list[_Item], frames: list) -> dict:
-        return _merge_params({"frames": frames}, items)
-
-    def close(self) -> None:
-        self.pool.close()
-        self._runners.clear()
-
-
-def stack_samples(xs: list) -> torch.Tensor:
-    """torch.stack, skipped when xs are already the rows of one batch tensor in order (the
-    usual all-DALI batch): a (B, 3, T, 224, 224) float copy costs ~10% of CPU throughput."""
-    base = xs[0]._base
-    if base is not None and base.shape[0] == len(xs) and base.is_contiguous() and all(
-            x._base is base and x.data_ptr() == base[i].data_ptr() for i, x in enumerate(xs)):
-        return base
-    return torch.stack(xs)
-
-
-def _merge_params(inputs: dict, items: list[_Item]) -> dict:
-    for it in items:
-        for name, value in it.params.items():
-            inputs.setdefault(name, []).append(value)
-    return inputs
-
-
-def _short_error(exc: BaseException) -> str:
-    """The informative line of a (long, multi-line) DALI error."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if "rror" in ln and "Critical error" not in ln]
-    text = (useful or lines or [type(exc).__name__])[0]
-    return f"{type(exc).__name__}: {text}"[:400]
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def _load_datasets(cfg, key: str, names: Optional[list] = None):
@@ -219,7 +160,8 @@ class TrainLoader:
     """Mixed-dataset training batches; see the module docstring."""
 
     def __init__(self, cfg, num_frames: int, crop_size: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"),
+                 on_quarantine: Optional[Callable[[str, str, str], None]] = None):
         self.cfg, self.num_frames, self.crop_size = cfg, num_frames, crop_size
         self.device = torch.device(device)
         loaded = _load_datasets(cfg, "manifest")
@@ -233,39 +175,71 @@ class TrainLoader:
                                            [ds.weight for ds in self.datasets],
                                            cfg.data.batch_size, rank, world_size, self.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self._decoder = _Decoder(cfg, P.TRAIN, num_frames, crop_size, self.device,
-                                 cfg.data.batch_size)
+        self.global_batch = cfg.data.batch_size * world_size  # samples per step, all ranks
+        self._decoder = Decoder(cfg, P.TRAIN, crop_size, self.device, cfg.data.batch_size)
+        self.decode_device = self._decoder.decode_device
         self.geom_interp = self._decoder.geom_interp
-        self._bad: set = self._known_bad()
+        self.on_quarantine = on_quarantine  # (dataset name, path, reason), e.g. a console line
+        self._bad: set = set()
+        self._bad_count = [0] * len(self.datasets)
+        self.excluded = self._exclude_known_bad()
+        self.quarantined: dict = {}  # dataset name -> {reason kind: count}, this run
         self.num_quarantined = 0
-        self.last_wait_s = 0.0
         self._epoch, self._step = 0, 0  # position of the consumer (what the step has used)
         self._lock = threading.Lock()
+        self._decode_lock = threading.Lock()  # one producer at a time uses the DALI graphs
+        self._stream = LoaderStream(self.device)
 
     # ---------------------------------------------------------------------------- state ---
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "step": self._step}
+        """Position in global samples (all ranks): a resume with another world size continues
+        with exactly the unseen samples."""
+        return {"epoch": self._epoch, "samples": self._step * self.global_batch,
+                "quarantined": self.num_quarantined}
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+        samples = int(state["samples"]) if "samples" in state else \
+            int(state["step"]) * self.global_batch  # checkpoints before positions in samples
+        if samples % self.global_batch:
+            raise ValueError(
+                f"the checkpoint stopped after {samples} samples of epoch {state['epoch']}, not a "
+                f"whole number of steps of {self.global_batch} samples (data.batch_size x "
+                "processes) in this run: resume with the world size and data.batch_size of the "
+                "interrupted run, or from a checkpoint at an optimizer step")
+        self._epoch, self._step = int(state["epoch"]), samples // self.global_batch
+        self.num_quarantined = int(state.get("quarantined", 0))
 
-    def _known_bad(self) -> set:
-        """(dataset, video) pairs quarantined by earlier training runs (replaced on sight, the
-        same way the run that found them replaced them)."""
-        import json
-        bad = set()
+    def _exclude_known_bad(self) -> dict:
+        """Marks files quarantined by earlier training runs, and (data.skip_decode_errors) files
+        whose probe saw decode errors, as bad; returns {dataset: {reason kind: count}}."""
+        excluded: dict = {}
         for d, ds in enumerate(self.datasets):
-            qfile = Path(ds.manifest) / "quarantine.jsonl"
-            if not qfile.is_file():
-                continue
-            paths = {json.loads(ln).get("path") for ln in qfile.read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("source") == "train"}
-            bad |= {(d, v) for v, r in enumerate(self.records[d]) if r["path"] in paths}
-        return bad
+            reasons = {r.get("path"): r.get("reason", "") for r in read_quarantine(ds.manifest)
+                       if r.get("source") == "train"}
+            counts: dict = {}
+            for v, rec in enumerate(self.records[d]):
+                reason = reasons.get(rec["path"])
+                if reason is None and self.cfg.data.skip_decode_errors and \
+                        rec["probe"].get("decode_errors"):
+                    reason = "decode errors in the probe"
+                if reason is not None:
+                    self._mark_bad(d, v)
+                    kind = reason_kind(reason)
+                    counts[kind] = counts.get(kind, 0) + 1
+            if counts:
+                excluded[ds.name] = counts
+        return excluded
+
+    def _mark_bad(self, d: int, v: int) -> bool:
+        if (d, v) in self._bad:
+            return False
+        self._bad.add((d, v))
+        self._bad_count[d] += 1
+        return True
 
     # -------------------------------------------------------------------------- samples ---
     def make_item(self, epoch: int, dataset: int, video: int, sample_id: int,
-                  attempt: int = 0) -> _Item:
+                  attempt: int = 0) -> Item:
         """Temporal indices and augmentation parameters of one sample, from its own RNG."""
         ds, rec = self.datasets[dataset], self.records[dataset][video]
         rng = sample_rng(self.seed, epoch, sample_id, attempt)
@@ -281,81 +255,87 @@ class TrainLoader:
         params = P.draw_train_params(rng, h, w, self.crop_size, d.train_aug, d.train_scale,
                                      d.rrc_area, ds.flip, d.rand_aug_n, d.rand_aug_m,
                                      d.rand_aug_m_std)
-        return _Item(dataset, video, sample_id, rec, idx, params)
+        return Item(dataset, video, sample_id, rec, idx, params, attempt)
 
-    def _replacement(self, epoch: int, dataset: int, sample_id: int, attempt: int) -> int:
+    def _candidate(self, epoch: int, dataset: int, sample_id: int, attempt: int) -> int:
         rng = sample_rng(self.seed, epoch, sample_id, 1000 + attempt)
-        size = len(self.records[dataset])
-        good = [v for v in range(size) if (dataset, v) not in self._bad]
-        if not good:
-            raise RuntimeError(f"every video of dataset '{self.names[dataset]}' is quarantined")
-        return good[int(rng.integers(len(good)))]
+        return int(rng.integers(len(self.records[dataset])))
 
-    def _item_avoiding_bad(self, epoch, d, v, sid, attempt=0) -> tuple[_Item, int]:
+    def _item_avoiding_bad(self, epoch: int, d: int, v: int, sid: int, attempt: int = 0) -> Item:
+        """The sample's own video, or the first replacement candidate not known to be bad."""
         while (d, v) in self._bad:
+            if self._bad_count[d] >= len(self.records[d]):
+                raise RuntimeError(f"every video of dataset '{self.names[d]}' is quarantined "
+                                   f"(see {Path(self.datasets[d].manifest) / 'quarantine.jsonl'})")
             attempt += 1
-            v = self._replacement(epoch, d, sid, attempt)
-        return self.make_item(epoch, d, v, sid, attempt), attempt
+            if attempt > MAX_CANDIDATES:
+                raise RuntimeError(f"no usable video of dataset '{self.names[d]}' among "
+                                   f"{MAX_CANDIDATES} candidates; check its quarantine.jsonl")
+            v = self._candidate(epoch, d, sid, attempt)
+        return self.make_item(epoch, d, v, sid, attempt)
 
-    def _quarantine(self, item: _Item, reason: str) -> None:
+    def _next_item(self, epoch: int, it: Item) -> Item:
+        return self._item_avoiding_bad(epoch, it.dataset, it.video, it.sample_id, it.attempt)
+
+    def _quarantine(self, item: Item, reason: str) -> None:
         from dali_pipes.manifest import append_quarantine
 
+        name = self.names[item.dataset]
         with self._lock:
-            if (item.dataset, item.video) in self._bad:
+            if not self._mark_bad(item.dataset, item.video):
                 return
-            self._bad.add((item.dataset, item.video))
             self.num_quarantined += 1
-        append_quarantine(self.datasets[item.dataset].manifest, item.record["path"], reason, "train")
+            kinds = self.quarantined.setdefault(name, {})
+            kinds[reason_kind(reason)] = kinds.get(reason_kind(reason), 0) + 1
+        append_quarantine(self.datasets[item.dataset].manifest, item.path, reason, "train")
+        if self.on_quarantine is not None:
+            self.on_quarantine(name, item.path, reason)
 
-    def prepare(self, epoch: int, rows: np.ndarray) -> list:
-        """[(item, attempt)] of sampler rows (dataset, video, sample id), DALI's bytes read."""
-        slots = [self._item_avoiding_bad(epoch, int(d), int(v), int(s)) for d, v, s in rows]
-        for it, _ in slots:
-            if not self._decoder.uses_fallback(it):
-                it.load()
-        return slots
+    def prepare(self, epoch: int, rows: np.ndarray) -> list[Item]:
+        """Items of sampler rows (dataset, video, sample id), their files read (with timeouts)."""
+        items = [self._item_avoiding_bad(epoch, int(d), int(v), int(s)) for d, v, s in rows]
+        self._decoder.read(items)
+        return items
 
-    def build_batch(self, epoch: int, step: int, rows: np.ndarray, slots=None) -> Batch:
+    def build_batch(self, epoch: int, step: int, rows: np.ndarray,
+                    items: Optional[list] = None) -> Batch:
         """Decodes and augments one batch of sampler rows (dataset, video, sample id)."""
-        slots = self.prepare(epoch, rows) if slots is None else slots
+        items = self.prepare(epoch, rows) if items is None else list(items)
         # A file quarantined after this batch was prepared is replaced as prepare would have.
-        slots = [self._item_avoiding_bad(epoch, it.dataset, it.video, it.sample_id, a)
-                 if (it.dataset, it.video) in self._bad else (it, a) for it, a in slots]
-        items = [it for it, _ in slots]
-        attempts = [a for _, a in slots]
+        items = [self._next_item(epoch, it) if (it.dataset, it.video) in self._bad else it
+                 for it in items]
         videos: list = [None] * len(items)
         todo = list(range(len(items)))
-        for _ in range(MAX_REPLACEMENTS + 1):
-            outs, errs = self._decoder.run([items[i] for i in todo])
-            retry = []
-            for i, out, err in zip(todo, outs, errs):
-                if err is None:
-                    videos[i] = out
-                    continue
-                self._quarantine(items[i], err)
-                it = items[i]
-                items[i], attempts[i] = self._item_avoiding_bad(epoch, it.dataset, it.video,
-                                                                it.sample_id, attempts[i])
-                retry.append(i)
-            if not retry:
-                break
-            todo = retry
-        else:
-            raise RuntimeError(f"batch {step} of epoch {epoch}: {MAX_REPLACEMENTS} replacement "
-                               "videos failed in a row; check the manifests")
-        video = stack_samples(videos)  # (B, 3, T, crop, crop)
-        if video.device != self.device:
-            video = video.pin_memory().to(self.device, non_blocking=True) \
-                if self.device.type == "cuda" else video.to(self.device)
-        return Batch(video=video,
-                     dataset_ids=torch.tensor([it.dataset for it in items], dtype=torch.long),
-                     labels=torch.tensor([int(it.record["label"]) for it in items], dtype=torch.long),
-                     sample_ids=torch.tensor([it.sample_id for it in items], dtype=torch.long),
-                     epoch_step=step)
+        with self._decode_lock:
+            for _ in range(MAX_REPLACEMENTS + 1):
+                outs, errs = self._decoder.run([items[i] for i in todo])
+                retry = []
+                for i, out, err in zip(todo, outs, errs):
+                    if err is None:
+                        videos[i] = out
+                        continue
+                    self._quarantine(items[i], err)
+                    items[i] = self._next_item(epoch, items[i])
+                    retry.append(i)
+                if not retry:
+                    break
+                todo = retry
+            else:
+                raise RuntimeError(f"batch {step} of epoch {epoch}: {MAX_REPLACEMENTS} replacement "
+                                   "videos failed in a row; check the manifests")
+        dev = self.device
+        host = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return Batch(video=to_device(stack_samples(videos), dev),  # (B, 3, T, crop, crop)
+                     dataset_ids=to_device(host([it.dataset for it in items]), dev),
+                     labels=to_device(host([int(it.record["label"]) for it in items]), dev),
+                     sample_ids=to_device(host([it.sample_id for it in items]), dev),
+                     epoch_step=step, datasets=[it.dataset for it in items])
 
     # ---------------------------------------------------------------------- iteration ---
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Batches of `epoch`, from the restored step when resuming that epoch."""
+    def epoch(self, epoch: int, should_stop: Optional[Callable[[], bool]] = None
+              ) -> Iterator[Batch]:
+        """Batches of `epoch`, from the restored step when resuming that epoch. While waiting
+        for a batch, `should_stop()` (e.g. a SIGTERM flag) ends the epoch early."""
         start = self._step if epoch == self._epoch else 0
         self._epoch, self._step = epoch, start
         self.sampler.load_state_dict({"epoch": epoch, "step": start})
@@ -372,33 +352,35 @@ class TrainLoader:
                     pass
             return False
 
-        # Two stages so that parameter drawing and file reading for batch k+1 (Python) overlap
-        # DALI's run of batch k (which releases the GIL).
+        # Two stages so that parameter drawing and file reading for batch k+1 overlap the
+        # decoding of batch k (DALI and PyAV release the GIL).
         def prepare():
             try:
                 for step, rows in self.sampler.iter_epoch(epoch):
-                    if not put(prepared, (step, rows, self.prepare(epoch, rows))):
+                    if stop.is_set() or not put(prepared, (step, rows, self.prepare(epoch, rows))):
                         return
                 put(prepared, None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 put(prepared, exc)
 
         def produce():
-            while not stop.is_set():
-                try:
-                    job = prepared.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if job is None or isinstance(job, BaseException):
-                    put(q, job)
-                    return
-                try:
-                    batch = self.build_batch(epoch, job[0], job[1], job[2])
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                    put(q, exc)
-                    return
-                if not put(q, batch):
-                    return
+            with self._stream.producing():
+                while not stop.is_set():
+                    try:
+                        job = prepared.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                    if job is None or isinstance(job, BaseException):
+                        put(q, job)
+                        return
+                    try:
+                        batch = self.build_batch(epoch, *job)
+                        self._stream.mark_ready(batch)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                        put(q, exc)
+                        return
+                    if not put(q, batch):
+                        return
 
         threads = [threading.Thread(target=f, name=f"train-loader-{f.__name__}", daemon=True)
                    for f in (prepare, produce)]
@@ -407,26 +389,46 @@ class TrainLoader:
         try:
             while True:
                 t0 = time.perf_counter()
-                item = q.get()
+                item = self._next(q, should_stop)
                 wait = time.perf_counter() - t0
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                item.wait_s = self.last_wait_s = wait
+                self._stream.hand_over(item)
+                item.wait_s = wait
                 self._step = item.epoch_step + 1
                 yield item
         finally:
             stop.set()
-            for t in threads:
-                while t.is_alive():
-                    try:  # unblock a producer waiting on a queue
-                        prepared.get_nowait()
-                    except queue.Empty:
-                        pass
-                    t.join(timeout=0.05)
+            self._join(threads, prepared)
             if self._step >= self.steps_per_epoch:
                 self._epoch, self._step = epoch + 1, 0
+
+    @staticmethod
+    def _next(q: queue.Queue, should_stop):
+        while True:
+            try:
+                return q.get(timeout=0.2)
+            except queue.Empty:
+                if should_stop is not None and should_stop():
+                    return None
+
+    @staticmethod
+    def _join(threads, prepared: queue.Queue) -> None:
+        """Waits a bounded time for the loader threads; one blocked in a read or a decode
+        (bounded by data.decode_timeout itself) is left to finish on its own."""
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for t in threads:
+            while t.is_alive() and time.monotonic() < deadline:
+                try:  # unblock a producer waiting on a queue
+                    prepared.get_nowait()
+                except queue.Empty:
+                    pass
+                t.join(timeout=0.05)
+            if t.is_alive():
+                print(f"warning: loader thread {t.name} is still busy (a slow read or decode); "
+                      "it ends on its own within data.decode_timeout", file=sys.stderr)
 
     def close(self) -> None:
         self._decoder.close()
@@ -436,7 +438,8 @@ class EvalLoader:
     """Every video of one dataset's validation manifest once (sharded over ranks), as all its
     test views: yields EvalBatch (video (N, V, 3, T, crop, crop), dataset name, labels (N,),
     video indices (N,)), which also unpacks as that tuple; V = temporal x spatial views in
-    temporal-major order."""
+    temporal-major order. Videos that cannot be decoded are listed in `failed` (and quarantined
+    with source "eval"); they are not scored."""
 
     def __init__(self, cfg, dataset_name: str, num_frames: int, crop_size: int, rank: int = 0,
                  world_size: int = 1, device: torch.device = torch.device("cpu")):
@@ -447,14 +450,14 @@ class EvalLoader:
         self.device = torch.device(device)
         self.indices = list(range(rank, len(records), world_size))
         self.batch_size = max(1, cfg.data.eval_batch_size)
-        self._decoder = _Decoder(cfg, P.EVAL, num_frames, crop_size, self.device, self.batch_size,
-                                 num_spatial=self.spatial)
+        self._decoder = Decoder(cfg, P.EVAL, crop_size, self.device, self.batch_size,
+                                num_spatial=self.spatial)
         self.failed: list = []  # (video index, reason) of videos that could not be decoded
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def make_item(self, video: int) -> _Item:
+    def make_item(self, video: int) -> Item:
         rec = self.records[video]
         n = int(rec["probe"]["num_frames"])
         start, end = frame_bounds(rec)
@@ -462,8 +465,8 @@ class EvalLoader:
                                   self.ds.sampling, start, end)  # (t, T)
         h, w = display_size(rec["probe"])
         # One decode of the union of the views: the t clips in sequence, split afterwards.
-        return _Item(0, video, video, rec, clips.reshape(-1).astype(np.int32),
-                     P.eval_inputs(self.spatial, h, w))
+        return Item(0, video, video, rec, clips.reshape(-1).astype(np.int32),
+                    P.eval_inputs(self.spatial, h, w))
 
     def _views(self, out: torch.Tensor) -> torch.Tensor:
         """(S, 3, t*T, c, c) -> (t*S, 3, T, c, c), temporal-major."""
@@ -482,12 +485,13 @@ class EvalLoader:
             for k, e in enumerate(errs):
                 if e is not None:
                     self.failed.append((vids[k], e))
-                    append_quarantine(self.ds.val_manifest, items[k].record["path"], e, "eval")
+                    append_quarantine(self.ds.val_manifest, items[k].path, e, "eval")
             if not keep:
                 continue
-            video = torch.stack([self._views(outs[k]) for k in keep]).to(self.device)
+            video = torch.stack([self._views(outs[k]) for k in keep])  # (N, V, 3, T, c, c)
             labels = torch.tensor([int(items[k].record["label"]) for k in keep], dtype=torch.long)
-            yield EvalBatch(video, self.name, labels,
+            yield EvalBatch(to_device(video, self.device), self.name,
+                            to_device(labels, self.device),
                             torch.tensor([vids[k] for k in keep], dtype=torch.long))
 
     def close(self) -> None:
@@ -495,8 +499,9 @@ class EvalLoader:
 
 
 def build_train_loader(cfg, num_frames: int, crop_size: int, rank: int = 0, world_size: int = 1,
-                       device: torch.device = torch.device("cpu")) -> TrainLoader:
-    return TrainLoader(cfg, num_frames, crop_size, rank, world_size, device)
+                       device: torch.device = torch.device("cpu"),
+                       on_quarantine: Optional[Callable] = None) -> TrainLoader:
+    return TrainLoader(cfg, num_frames, crop_size, rank, world_size, device, on_quarantine)
 
 
 def build_eval_loader(cfg, dataset_name: str, num_frames: int, crop_size: int, rank: int = 0,

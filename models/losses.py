@@ -37,14 +37,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def batch_sizes(b: int, device) -> list[int]:
-    """Per-rank batch sizes (ranks may differ, e.g. a short last batch)."""
-    n = torch.tensor([b], device=device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    return [int(s) for s in sizes]
-
-
 def gather_batch(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Concatenate x (B_r, …) over ranks along dim 0, differentiably when x requires grad.
 
@@ -86,8 +78,8 @@ class MultiTrainLoss(nn.Module):
 
     forward(out, targets, masks) -> (total, terms). `out` is MultiTrainModel's dict, targets
     {name: (B, C_d)}, masks (B, N) float in `names` order (weight of dataset n for sample i).
-    terms (detached): "ce/<name>" mean CE over that dataset's samples (mask-weighted, 0 when
-    absent), "cls" = (1/B)ΣΣ m·λ·CE, "proj" = (1/B)ΣΣ m·λ·mean_s CE(proj) (before w_p),
+    terms (detached, on the device): "ce_sum/<name>" the mask-weighted CE summed over that
+    dataset's samples and "n/<name>" their weight (the mean is ce_sum / n where n > 0), "cls" = (1/B)ΣΣ m·λ·CE, "proj" = (1/B)ΣΣ m·λ·mean_s CE(proj) (before w_p),
     "cls_proj" = cls + w_p·proj, "inf" = L_inf (before w_inf), "total".
     """
 
@@ -104,11 +96,14 @@ class MultiTrainLoss(nn.Module):
         self.w_proj, self.w_inf = w_proj, w_inf
         self.var_weight, self.cov_weight = var_weight, cov_weight
 
-    def _gather(self, out: dict, targets: dict, masks: torch.Tensor):
+    def _gather(self, out: dict, targets: dict, masks: torch.Tensor, sizes=None):
         """Global-batch view of the outputs: two collectives (with / without grad) per step."""
         if not _distributed():
             return out, targets, masks
-        sizes = batch_sizes(masks.shape[0], masks.device)
+        # Training batches have the same size on every rank (the sampler cuts each epoch to
+        # whole global batches), so by default no sizes are exchanged (a host sync); callers
+        # with uneven batches pass every rank's size.
+        sizes = list(sizes) if sizes is not None else [masks.shape[0]] * dist.get_world_size()
         live = {("logits", n): z for n, z in out["logits"].items()}
         live.update({("proj", k): z for k, z in out.get("proj", {}).items()})
         if "embed" in out:
@@ -131,8 +126,10 @@ class MultiTrainLoss(nn.Module):
         sce = soft_cross_entropy(z, torch.where(m[:, None] > 0, y.float(), 0.0))
         return m * sce  # (B,)
 
-    def forward(self, out: dict, targets: dict[str, torch.Tensor], masks: torch.Tensor):
-        out, targets, masks = self._gather(out, targets, masks)
+    def forward(self, out: dict, targets: dict[str, torch.Tensor], masks: torch.Tensor,
+                sizes=None):
+        """`sizes`: every rank's batch size when they differ (default: all equal)."""
+        out, targets, masks = self._gather(out, targets, masks, sizes)
         masks = masks.float()
         b = masks.shape[0]
         n_data = len(self.names)
@@ -142,8 +139,7 @@ class MultiTrainLoss(nn.Module):
         for j, d in enumerate(self.names):
             m, y = masks[:, j], targets[d]  # (B,), (B, C_d)
             ce = self._masked_sce(out["logits"][d], y, m)  # (B,)
-            weight = m.sum()
-            terms[f"ce/{d}"] = torch.where(weight > 0, ce.sum() / weight.clamp_min(1e-12), 0.0)
+            terms[f"ce_sum/{d}"], terms[f"n/{d}"] = ce.sum(), m.sum()
             cls_sum = cls_sum + self.lambdas[d] * ce.sum()
             srcs = [s for s in self.names if s != d and (s, d) in proj]
             if srcs:

@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import entry, write_manifest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -13,3 +15,25 @@ def shared_videos() -> Path:
         pytest.skip(f"real test videos not found at {path}; these tests need the shared "
                     "clips next to the repository (../shared/videos)")
     return path
+
+
+@pytest.fixture
+def videos(shared_videos):
+    return shared_videos
+
+
+@pytest.fixture
+def two_datasets(tmp_path, videos):
+    """Dataset "dali" (VP9, MJPEG, VP8: DALI's CPU decoder) and "h264" (H.264 and MPEG-4: the
+    PyAV fallback on a CPU machine), each as a manifest of real clips."""
+    a = write_manifest(tmp_path / "a", [entry(videos, "derived_juggle_vp9.webm", 0),
+                                        entry(videos, "derived_juggle_mjpeg.avi", 1),
+                                        entry(videos, "bbb_vp8_vorbis_1s.webm", 2)])
+    b = write_manifest(tmp_path / "b", [entry(videos, "k400_arm_wrestling_340x256.mp4", 0),
+                                        entry(videos, "carphone_qcif_176x144.mp4", 1),
+                                        entry(videos, "ucf101_apply_eye_makeup_xvid_mp3.avi", 2),
+                                        entry(videos, "derived_juggle_portrait_360x640.mp4", 1),
+                                        entry(videos, "carphone_qcif_176x144.mp4", 0)])
+    return [{"name": "dali", "manifest": str(a), "val_manifest": str(a), "test_views": [2, 3]},
+            {"name": "h264", "manifest": str(b), "val_manifest": str(b), "flip": False,
+             "sampling": "uniform", "test_views": [1, 1]}]

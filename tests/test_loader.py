@@ -1,77 +1,14 @@
 """Training/eval loaders end to end on CPU with hand-written manifests of the real clips."""
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from config import config_from_dict
 from dali_pipes.loader import build_eval_loader, build_train_loader
 
-T, CROP = 4, 32
-
-# probe fields of the real clips (values from ../shared/videos/README.md and PyAV)
-CLIPS = {
-    "derived_juggle_vp9.webm": ("vp9", "yuv420p", 640, 360, 72, 24.0),
-    "derived_juggle_mjpeg.avi": ("mjpeg", "yuvj420p", 480, 270, 72, 24.0),
-    "bbb_vp8_vorbis_1s.webm": ("vp8", "yuv420p", 1280, 720, 24, 24.0),
-    "k400_arm_wrestling_340x256.mp4": ("h264", "yuv420p", 340, 256, 280, 28.0),
-    "carphone_qcif_176x144.mp4": ("h264", "yuv420p", 176, 144, 120, 29.97),
-    "ucf101_apply_eye_makeup_xvid_mp3.avi": ("mpeg4", "yuv420p", 320, 240, 164, 25.0),
-    "derived_juggle_portrait_360x640.mp4": ("h264", "yuv420p", 360, 640, 72, 24.0),
-}
-
-
-@pytest.fixture
-def videos(shared_videos):
-    return shared_videos
-
-
-def probe(codec, pix_fmt, w, h, n, fps, path):
-    return {"container": "x", "codec": codec, "pix_fmt": pix_fmt, "width": w, "height": h,
-            "rotation": 0, "num_frames": n, "fps": fps, "duration": n / fps, "vfr": False,
-            "stream_index": 0, "size": Path(path).stat().st_size, "mtime": 0.0}
-
-
-def write_manifest(d: Path, entries):
-    """entries: [(path, label, probe dict)]"""
-    d.mkdir(parents=True, exist_ok=True)
-    classes = sorted({f"c{lab}" for _, lab, _ in entries} | {"c0", "c1", "c2"})
-    rows = [{"path": str(p), "label": lab, "class_name": f"c{lab}", "start": None, "end": None,
-             "probe": pr} for p, lab, pr in entries]
-    (d / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "classes.json").write_text(json.dumps(classes))
-    return d
-
-
-def entry(videos, name, label):
-    path = videos / name
-    return (path, label, probe(*CLIPS[name], path))
-
-
-def make_cfg(tmp_path, datasets, **data):
-    raw = {"data": {"datasets": datasets, "batch_size": 4, "num_threads": 2, "prefetch": 2,
-                    "train_scale": [36, 44], "test_scale": 36, "crop_size": CROP,
-                    "rand_aug_n": 2, "decode_device": "cpu", "fallback_workers": 2, **data},
-           "train": {"seed": 3}}
-    return config_from_dict(raw, check_paths=True)
-
-
-@pytest.fixture
-def two_datasets(tmp_path, videos):
-    a = write_manifest(tmp_path / "a", [entry(videos, "derived_juggle_vp9.webm", 0),
-                                        entry(videos, "derived_juggle_mjpeg.avi", 1),
-                                        entry(videos, "bbb_vp8_vorbis_1s.webm", 2)])
-    b = write_manifest(tmp_path / "b", [entry(videos, "k400_arm_wrestling_340x256.mp4", 0),
-                                        entry(videos, "carphone_qcif_176x144.mp4", 1),
-                                        entry(videos, "ucf101_apply_eye_makeup_xvid_mp3.avi", 2),
-                                        entry(videos, "derived_juggle_portrait_360x640.mp4", 1),
-                                        entry(videos, "carphone_qcif_176x144.mp4", 0)])
-    return [{"name": "dali", "manifest": str(a), "val_manifest": str(a), "test_views": [2, 3]},
-            {"name": "h264", "manifest": str(b), "val_manifest": str(b), "flip": False,
-             "sampling": "uniform", "test_views": [1, 1]}]
+from helpers import CROP, T, entry, make_cfg, probe, write_manifest
 
 
 def collect(loader, epoch):
@@ -95,7 +32,8 @@ def test_epoch_mixes_dali_and_fallback_in_sampler_order(tmp_path, two_datasets):
         assert torch.isfinite(b.video).all() and b.video.std() > 0.1
         labels = [int(loader.records[d][v]["label"]) for d, v, _ in rows[b.epoch_step * 4:][:4]]
         assert b.labels.tolist() == labels
-    assert loader.num_quarantined == 0 and loader.state_dict() == {"epoch": 1, "step": 0}
+    assert loader.num_quarantined == 0
+    assert loader.state_dict() == {"epoch": 1, "samples": 0, "quarantined": 0}
     loader.close()
 
 
@@ -108,7 +46,7 @@ def test_resume_mid_epoch_gives_identical_batches(tmp_path, two_datasets):
     b0 = next(it)
     state = first.state_dict()
     it.close()
-    assert state == {"epoch": 1, "step": 1}
+    assert state == {"epoch": 1, "samples": 4, "quarantined": 0}
     resumed = build_train_loader(cfg, T, CROP)
     resumed.load_state_dict(state)
     rest = collect(resumed, 1)

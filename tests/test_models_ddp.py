@@ -29,8 +29,8 @@ def make_batch():
     return x, targets, masks
 
 
-def loss_and_grads(model, x, targets, masks):
-    total, terms = MultiTrainLoss(list(NC))(model(x), targets, masks)
+def loss_and_grads(model, x, targets, masks, sizes=None):
+    total, terms = MultiTrainLoss(list(NC))(model(x), targets, masks, sizes)
     total.backward()
     net = getattr(model, "module", model)
     return total.detach(), terms, {n: p.grad.clone() for n, p in net.named_parameters()}
@@ -45,7 +45,8 @@ def worker(rank, port, out_dir):
         x, targets, masks = make_batch()
         # Uneven split (4 + 2) also exercises the padding path of the gather.
         sl = slice(0, 4) if rank == 0 else slice(4, 6)
-        res = loss_and_grads(model, x[sl], {n: y[sl] for n, y in targets.items()}, masks[sl])
+        res = loss_and_grads(model, x[sl], {n: y[sl] for n, y in targets.items()}, masks[sl],
+                             sizes=[4, 2])
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -94,7 +94,8 @@ def test_multitrain_loss_by_hand():
     cls, proj = cls / b, proj / b
     inf = np_informative(np_out["embed"])
     for n in names:
-        assert terms[f"ce/{n}"].item() == pytest.approx(ce_num[n] / ce_den[n], abs=1e-6)
+        assert terms[f"ce_sum/{n}"].item() == pytest.approx(ce_num[n], abs=1e-6)
+        assert terms[f"n/{n}"].item() == pytest.approx(ce_den[n], abs=1e-6)
     assert terms["cls"].item() == pytest.approx(cls, abs=1e-6)
     assert terms["proj"].item() == pytest.approx(proj, abs=1e-6)
     assert terms["inf"].item() == pytest.approx(inf, abs=1e-6)
@@ -112,7 +113,7 @@ def test_absent_dataset_gives_zero_terms_and_no_nan():
     masks = torch.tensor([[1.0, 0, 0]] * 4, dtype=torch.float64)
     total, terms = MultiTrainLoss(list(NC))(out, targets, masks)
     assert torch.isfinite(total)
-    assert terms["ce/b"].item() == 0.0 and terms["ce/c"].item() == 0.0
+    assert terms["n/b"].item() == 0.0 and terms["ce_sum/b"].item() == 0.0 and terms["ce_sum/c"].item() == 0.0
     total.backward()
     # Only head a's targets are used: b and c logits get gradient only via projections into a.
     for d in ("b", "c"):
@@ -175,7 +176,8 @@ def test_sample_of_one_dataset_touches_only_its_terms():
     x, targets, _ = tiny_batch(4)
     masks = torch.tensor([[0, 1.0, 0]] * 4)  # dataset b only
     total, terms = MultiTrainLoss(m.names, w_proj=0.0, w_inf=0.0)(m(x), targets, masks)
-    assert terms["ce/a"] == 0 and terms["ce/c"] == 0 and terms["ce/b"] > 0
+    assert terms["ce_sum/a"] == 0 and terms["ce_sum/c"] == 0 and terms["ce_sum/b"] > 0
+    assert terms["n/b"] == 4
     total.backward()
     for n in ("a", "c"):
         assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.heads[n].parameters())

@@ -7,7 +7,7 @@ import torch
 
 from dali_pipes import pipeline as P
 from dali_pipes import randaug
-from dali_pipes.decode_av import decode_frames, needs_fallback
+from dali_pipes.decode_av import DecodeError, decode_frames
 from dali_pipes.sampling import sample_rng
 
 VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
@@ -62,10 +62,11 @@ def test_dali_cpu_frames_match_pyav(name):
 def test_fallback_frame_exact(name):
     path = video(name)
     ref = pyav_all(path)
-    idx = [len(ref) - 1, 2, 2, 0, 9, len(ref) + 5]  # past the end repeats the last frame
+    idx = [len(ref) - 1, 2, 2, 0, 9]
     got = decode_frames(path, idx)
-    want = np.stack([ref[min(i, len(ref) - 1)] for i in idx])
-    assert np.array_equal(got, want)
+    assert np.array_equal(got, np.stack([ref[i] for i in idx]))
+    with pytest.raises(DecodeError, match="short decode"):  # never a silent stand-in frame
+        decode_frames(path, [0, len(ref)])
 
 
 def test_fallback_applies_rotation():
@@ -74,16 +75,6 @@ def test_fallback_applies_rotation():
     stored = decode_frames(path, [0])
     assert upright.shape[1:3] == stored.shape[2:0:-1]
     assert np.array_equal(upright[0], np.rot90(stored[0], k=-1))
-
-
-def test_needs_fallback():
-    vp9 = {"codec": "vp9", "pix_fmt": "yuv420p"}
-    h264 = {"codec": "h264", "pix_fmt": "yuv420p"}
-    assert not needs_fallback(vp9, "cpu") and needs_fallback(h264, "cpu")
-    assert not needs_fallback(h264, "mixed")
-    assert needs_fallback({"codec": "h264", "pix_fmt": "yuv444p"}, "mixed")
-    assert needs_fallback({"codec": "prores", "pix_fmt": "yuv420p"}, "mixed")
-    assert needs_fallback({**vp9, "rotation": 90}, "cpu")
 
 
 # ------------------------------------------------------------------- training graph ---
@@ -98,7 +89,8 @@ def _params(seed, crop=32, n=2, m=9.0, flip=True, h=48, w=64):
 
 
 def _feed(frames_list, params_list):
-    inputs = {"frames": frames_list}
+    """Graph inputs of clips whose frames are all distinct (the "order" is the identity)."""
+    inputs = {"frames": frames_list, "order": [np.arange(len(f), dtype=np.int32) for f in frames_list]}
     for p in params_list:
         for k, v in p.items():
             inputs.setdefault(k, []).append(v)
@@ -243,7 +235,8 @@ def test_same_sample_id_same_clip():
     path = video("derived_juggle_vp9.webm")
     enc = np.fromfile(path, dtype=np.uint8)
     def inputs(ids):
-        feed = {"encoded": [enc] * len(ids), "indices": [np.arange(0, 8, 2, dtype=np.int32)] * len(ids)}
+        feed = {"encoded": [enc] * len(ids), "indices": [np.arange(0, 8, 2, dtype=np.int32)] * len(ids),
+                "order": [np.arange(4, dtype=np.int32)] * len(ids)}
         for i in ids:
             p = P.draw_train_params(sample_rng(5, 1, i), 360, 640, 32, "scale", [40, 48],
                                     [0.08, 1], True, 4, 7.0, 0.5)
@@ -266,12 +259,13 @@ def test_rrc_params_inside_frame():
 
 def test_bytes_and_frames_entries_agree():
     path = video("derived_juggle_vp9.webm")
-    idx = np.array([4, 0, 9, 9], np.int32)
+    unique, order = P.dedup_indices([4, 0, 9, 9])  # decoded once each, then put in clip order
     p = _params(8, crop=32, n=3, h=360, w=640)
     rb = P.GraphRunner(P.GraphSpec(P.TRAIN, P.BYTES, "cpu", 32, MEAN, STD, True), 2, 2, None)
-    out_b = rb.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "indices": [idx],
-                    **{k: [v] for k, v in p.items()}})
-    out_f = _train_runner().run(_feed([decode_frames(path, idx)], [p]))
+    out_b = rb.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "indices": [unique],
+                    "order": [order], **{k: [v] for k, v in p.items()}})
+    out_f = _train_runner().run({**_feed([decode_frames(path, unique)], [p]), "order": [order]})
+    assert torch.equal(out_b[0, :, 2], out_b[0, :, 3])  # the repeated frame 9
     assert (out_b - out_f).abs().mean() < 3.0 / 57.375
 
 
@@ -284,7 +278,8 @@ def test_eval_views_are_crops_of_the_resized_frames_temporal_major():
     frames[:] = rng.integers(0, 256, (t_clips * T, h, w, 3), dtype=np.uint8)
     spec = P.GraphSpec(P.EVAL, P.FRAMES, "cpu", c, MEAN, STD, num_spatial=3, test_scale=h)
     out = P.GraphRunner(spec, 1, 2, None).run(
-        {"frames": [frames], **{k: [v] for k, v in P.eval_inputs(3, h, w).items()}})
+        {"frames": [frames], "order": [np.arange(t_clips * T, dtype=np.int32)],
+         **{k: [v] for k, v in P.eval_inputs(3, h, w).items()}})
     assert out.shape == (1, 3, 3, t_clips * T, c, c)  # (N, S, 3, t*T, c, c)
     from dali_pipes.loader import EvalLoader
     loader = EvalLoader.__new__(EvalLoader)
@@ -310,11 +305,11 @@ def test_gpu_train_graph_outputs_cuda_tensor():
     path = video("derived_juggle_vp9.webm")
     r = P.GraphRunner(P.GraphSpec(P.TRAIN, P.BYTES, "mixed", 32, MEAN, STD, True), 2, 2, 0)
     p = _params(1, n=4, h=360, w=640)
-    out = r.run({"encoded": [np.fromfile(path, dtype=np.uint8)],
+    out = r.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "order": [np.arange(4, dtype=np.int32)],
                  "indices": [np.arange(4, dtype=np.int32)], **{k: [v] for k, v in p.items()}})
     assert out.is_cuda and out.shape == (1, 3, 4, 32, 32)
     cpu = P.GraphRunner(P.GraphSpec(P.TRAIN, P.BYTES, "cpu", 32, MEAN, STD, True), 2, 2, None)
-    ref = cpu.run({"encoded": [np.fromfile(path, dtype=np.uint8)],
+    ref = cpu.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "order": [np.arange(4, dtype=np.int32)],
                    "indices": [np.arange(4, dtype=np.int32)], **{k: [v] for k, v in p.items()}})
     assert (out.cpu() - ref).abs().mean() < 0.1
 
