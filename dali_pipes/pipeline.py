@@ -215,8 +215,8 @@ class GraphRunner:
         self.pipe = build_pipeline(spec, *self._args)
         self._pool: list = []
 
-    def run(self, inputs: dict) -> "torch.Tensor":
-        """inputs: {name: [per-sample arrays]} (equal lengths <= batch_size) -> (N, ...)."""
+    def run(self, inputs: dict):
+        """inputs: {name: [per-sample arrays]} (equal lengths <= batch_size) -> torch (N, ...)."""
         n = len(next(iter(inputs.values())))
         assert 0 < n <= self.batch_size, n
         try:
