@@ -32,7 +32,8 @@ CLASSES = "classes.json"
 META = "meta.json"
 PROBE_CACHE = "probe_cache.json"
 # Bump when probe fields or rules change, so old cached probes are not reused.
-PROBE_CACHE_VERSION = 1
+# 2: probes carry "decode_errors".
+PROBE_CACHE_VERSION = 2
 # ActivityNet and Kinetics name their splits differently; accept the short forms too.
 SPLIT_ALIASES = {
     "train": {"train", "training"},
@@ -512,13 +513,18 @@ def _foreign_quarantine(out: Path) -> list[dict]:
     return keep
 
 
-def _resolve_sample(row: Row, probe: dict | None,
-                    error: str | None) -> tuple[dict | None, dict | None]:
+def _resolve_sample(row: Row, probe: dict | None, error: str | None,
+                    keep_decode_errors: bool = False) -> tuple[dict | None, dict | None]:
     base = {"path": row.path, "entry": row.entry}
     if row.reason:
         return None, {**base, "reason": row.reason, "source": "manifest"}
     if error or probe is None:
         return None, {**base, "reason": error or "probe failed", "source": "manifest"}
+    decode_errors = probe.get("decode_errors") or []
+    if decode_errors and not keep_decode_errors:
+        # Frames came out, but FFmpeg logged damage: DALI may fail or show garbage.
+        return None, {**base, "reason": f"decode errors: {decode_errors[0]}",
+                      "source": "manifest"}
     end = row.end
     if row.start is not None:
         duration = probe.get("duration") or 0.0
@@ -534,8 +540,12 @@ def _resolve_sample(row: Row, probe: dict | None,
 
 def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
                    workers: int | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True,
+                   keep_decode_errors: bool = False) -> dict[str, Any]:
     """Parse, probe and write OUT/{manifest,quarantine}.jsonl, classes.json, meta.json.
+
+    Files whose probe logged FFmpeg errors are quarantined unless ``keep_decode_errors``;
+    kept ones list the errors in ``probe["decode_errors"]`` for the training config.
 
     Returns a summary: num_rows == num_samples + num_quarantined, plus how many files
     were probed now and how many probes were reused from the cache.
@@ -556,7 +566,7 @@ def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
     samples, quarantined = [], []
     for row in rows:
         probe, error = results.get(row.path, (None, None)) if row.path else (None, None)
-        sample, bad = _resolve_sample(row, probe, error)
+        sample, bad = _resolve_sample(row, probe, error, keep_decode_errors)
         (samples.append(sample) if sample else quarantined.append(bad))
 
     _write_atomic(out / MANIFEST, _jsonl(samples))
@@ -566,6 +576,7 @@ def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
                   json.dumps({"version": PROBE_CACHE_VERSION, "probes": cache}) + "\n")
     meta = {"format": fmt, "annotations": _abs(Path(annotations)), "root": str(root),
             "labels": _abs(Path(labels)) if labels else None, "split": split,
+            "keep_decode_errors": keep_decode_errors,
             "num_samples": len(samples), "num_quarantined": len(quarantined),
             "num_classes": len(classes),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -627,10 +638,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"probe processes (default min(8, cpus) = {default_workers()})")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds per file before the probe is killed")
+    parser.add_argument("--keep-decode-errors", action="store_true",
+                        help="keep files whose probe logged FFmpeg decode errors (listed in "
+                             "probe.decode_errors) instead of quarantining them")
     args = parser.parse_args(argv)
     try:
         summary = build_manifest(args.format, args.annotations, args.root, args.out,
-                                 args.labels, args.split, args.workers, args.timeout)
+                                 args.labels, args.split, args.workers, args.timeout,
+                                 keep_decode_errors=args.keep_decode_errors)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,11 @@ must decode their first frame and their last GOP (``"ends"``). A decode error, o
 header claiming more frames than decode (a truncated mp4 keeps its index), rejects the
 file: DALI would fail the batch or silently return nothing.
 
+Decode errors: FFmpeg reports much damage only as error-level log lines (a demuxer
+resyncing over garbage, a decoder concealing a broken slice) while frames keep coming.
+Those lines are captured during the probe and kept as ``"decode_errors"`` (a few short,
+deduplicated strings; ``[]`` for a clean file) so that the manifest builder can decide.
+
 Rotation: degrees the stored picture must be turned *clockwise* to be displayed
 upright, in {0, 90, 180, 270}. FFmpeg's display matrix angle is counter-clockwise
 (``-90`` for a phone clip held upright), the legacy ``rotate`` tag is clockwise.
@@ -27,6 +32,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,10 @@ FULL_DECODE_MAX_PIXELS = 400_000_000
 # time base alternates 33/34 ticks; only a spread beyond rounding noise means VFR.
 VFR_MIN_SPREAD_TICKS = 2
 VFR_REL_TOLERANCE = 0.05
+# A file with errors usually repeats one message per damaged packet; a few distinct
+# lines are enough to decide and to read.
+MAX_DECODE_ERRORS = 5
+MAX_ERROR_CHARS = 200
 
 
 class ProbeError(ValueError):
@@ -149,6 +159,51 @@ def _is_attached_pic(stream) -> bool:
 
 
 def _probe(path: str, max_pixels: int) -> dict[str, Any]:
+    logged: list[tuple[int, str, str]] = []
+    with _ffmpeg_errors(logged):
+        info = _probe_file(path, max_pixels)
+    info["decode_errors"] = _short_errors(logged)
+    return info
+
+
+@contextmanager
+def _ffmpeg_errors(sink: list):
+    """Collect FFmpeg's error-level log lines into ``sink``; restore the log settings after.
+
+    The capture is process-wide (``local=False``) because frame-threaded decoders log from
+    their own threads; in the forked probe child this process is the probe alone.
+    """
+    import av.logging as avlog
+
+    level, skip = avlog.get_level(), avlog.get_skip_repeated()
+    capture = avlog.Capture(local=False)
+    avlog.set_level(avlog.ERROR)
+    # PyAV drops a line equal to the previous one, even one logged for an earlier file,
+    # which would make a second probe of a damaged file look clean.
+    avlog.set_skip_repeated(False)
+    try:
+        with capture as logs:
+            yield
+    finally:
+        avlog.set_skip_repeated(skip)
+        avlog.set_level(level)
+        sink.extend(capture.logs)
+
+
+def _short_errors(logged: list[tuple[int, str, str]]) -> list[str]:
+    out: list[str] = []
+    for _, name, message in logged:
+        text = " ".join(message.split())
+        line = f"{name}: {text}" if name else text
+        line = line[:MAX_ERROR_CHARS]
+        if text and line not in out:
+            out.append(line)
+        if len(out) == MAX_DECODE_ERRORS:
+            break
+    return out
+
+
+def _probe_file(path: str, max_pixels: int) -> dict[str, Any]:
     st = os.stat(path)
     container = _open(path)
     try:

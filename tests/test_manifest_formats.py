@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dali_pipes.manifest import (ManifestError, append_quarantine, build_manifest,
-                                 load_manifest, read_class_file, ssv2_class_name)
+                                 load_manifest, main, read_class_file, ssv2_class_name)
 
 # Small, quick-to-probe real clips (each decodes in a few ms).
 CLIP = "carphone_qcif_176x144.mp4"
@@ -259,6 +259,27 @@ def test_list_label_errors(shared_videos, tmp_path):
     assert [(m["label"], m["class_name"]) for m in manifest] == [(0, "cat")]
     assert "outside 0..1" in quarantine[0]["reason"]
     assert "not an integer" in quarantine[1]["reason"]
+
+
+def test_decode_errors_quarantined_unless_kept(shared_videos, garbage_vp9, tmp_path):
+    root = garbage_vp9.parent
+    shutil.copy(shared_videos / WEBM, root / "clean.webm")
+    ann = tmp_path / "list.txt"
+    ann.write_text(f"clean.webm 0\n{garbage_vp9.name} 1\n")
+    out = tmp_path / "m"
+    manifest, quarantine = _assert_balanced(_build("list", ann, root, out), out)
+    assert [(Path(m["path"]).name, m["probe"]["decode_errors"]) for m in manifest] == [
+        ("clean.webm", [])]
+    assert [(q["path"], q["entry"]) for q in quarantine] == [(str(garbage_vp9), "line 2")]
+    assert quarantine[0]["reason"].startswith("decode errors: matroska,webm: ")
+    # The flag only changes the decision, so the cached probes are reused.
+    assert main(["list", "--annotations", str(ann), "--root", str(root), "--out", str(out),
+                 "--workers", "1", "--keep-decode-errors"]) == 0
+    manifest, quarantine = _read(out)
+    assert quarantine == []
+    kept = {Path(m["path"]).name: m["probe"]["decode_errors"] for m in manifest}
+    assert kept["clean.webm"] == [] and kept[garbage_vp9.name][0].startswith("matroska")
+    assert json.loads((out / "meta.json").read_text())["keep_decode_errors"] is True
 
 
 # ---------------------------------------------------------------- cache
