@@ -31,6 +31,8 @@ QUARANTINE = "quarantine.jsonl"
 CLASSES = "classes.json"
 META = "meta.json"
 PROBE_CACHE = "probe_cache.json"
+# Quarantine sources written by training/evaluation runs (see append_quarantine).
+RUN_SOURCES = ("train", "eval")
 # Bump when probe fields or rules change, so old cached probes are not reused.
 # 2: probes carry "decode_errors".
 PROBE_CACHE_VERSION = 2
@@ -497,7 +499,8 @@ def _load_cache(out: Path) -> dict[str, Any]:
 
 
 def _foreign_quarantine(out: Path) -> list[dict]:
-    """Quarantine rows added later by training (source != manifest) survive a rebuild."""
+    """Quarantine rows added later by training (source != manifest); the builder's own
+    rows are rewritten on every build."""
     keep = []
     try:
         lines = (out / QUARANTINE).read_text(encoding="utf-8").splitlines()
@@ -511,6 +514,24 @@ def _foreign_quarantine(out: Path) -> list[dict]:
         if isinstance(rec, dict) and rec.get("source") != "manifest":
             keep.append(rec)
     return keep
+
+
+def _run_quarantined(foreign: list[dict], to_probe: list[str]) -> set[str]:
+    """Annotated files that a training or eval run quarantined.
+
+    Such a row records what one run met (a DALI error, a bad disk, a file since replaced),
+    not what the file is, so a rebuild probes these files again without their cache entry.
+    """
+    paths = {r.get("path") for r in foreign if r.get("source") in RUN_SOURCES}
+    return paths & set(to_probe)
+
+
+def _report_reprobed(reprobed: set[str], samples: list[dict]) -> int:
+    back = len(reprobed & {s["path"] for s in samples})
+    if reprobed:
+        print(f"re-probed {len(reprobed)} files quarantined by training/eval runs: {back} back "
+              f"in the manifest, {len(reprobed) - back} still quarantined", file=sys.stderr)
+    return back
 
 
 def _resolve_sample(row: Row, probe: dict | None, error: str | None,
@@ -561,6 +582,10 @@ def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
 
     cache = _load_cache(out)
     to_probe = sorted({r.path for r in rows if r.path and not r.reason})
+    foreign = _foreign_quarantine(out)
+    reprobed = _run_quarantined(foreign, to_probe)
+    for path in reprobed:
+        cache.pop(path, None)
     results, probed, reused = probe_all(to_probe, cache, workers or default_workers(),
                                         timeout, progress)
     samples, quarantined = [], []
@@ -568,9 +593,14 @@ def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
         probe, error = results.get(row.path, (None, None)) if row.path else (None, None)
         sample, bad = _resolve_sample(row, probe, error, keep_decode_errors)
         (samples.append(sample) if sample else quarantined.append(bad))
+    restored = _report_reprobed(reprobed, samples)
+    # The new probe decides for re-probed files: their run rows go, a failure is
+    # quarantined again above with today's reason.
+    foreign = [r for r in foreign
+               if not (r.get("source") in RUN_SOURCES and r.get("path") in reprobed)]
 
     _write_atomic(out / MANIFEST, _jsonl(samples))
-    _write_atomic(out / QUARANTINE, _jsonl(quarantined + _foreign_quarantine(out)))
+    _write_atomic(out / QUARANTINE, _jsonl(quarantined + foreign))
     _write_atomic(out / CLASSES, json.dumps(classes, ensure_ascii=False, indent=1) + "\n")
     _write_atomic(out / PROBE_CACHE,
                   json.dumps({"version": PROBE_CACHE_VERSION, "probes": cache}) + "\n")
@@ -582,7 +612,8 @@ def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _write_atomic(out / META, json.dumps(meta, indent=1) + "\n")
     return {**meta, "out": str(out), "num_rows": len(rows), "probed": probed,
-            "reused": reused, "seconds": round(time.monotonic() - started, 3)}
+            "reused": reused, "reprobed_run_quarantine": len(reprobed), "restored": restored,
+            "seconds": round(time.monotonic() - started, 3)}
 
 
 def load_manifest(directory) -> tuple[list[dict], list[str]]:

@@ -362,6 +362,41 @@ def test_rebuild_keeps_training_quarantine_rows(shared_videos, tmp_path):
     assert sorted(q["source"] for q in quarantine) == ["dali", "manifest"]
 
 
+def test_rebuild_reprobes_files_quarantined_by_training(shared_videos, tmp_path, capsys):
+    root = tmp_path / "videos"
+    root.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        shutil.copy(shared_videos / CLIP, root / name)
+    ann = tmp_path / "list.txt"
+    ann.write_text("a.mp4 0\nb.mp4 0\nc.mp4 0\n")
+    out = tmp_path / "m"
+    _build("list", ann, root, out)
+    for name, source in (("a.mp4", "train"), ("b.mp4", "eval")):
+        append_quarantine(out, root / name, "decoder failed", source)
+    append_quarantine(out, "/elsewhere/x.mp4", "decoder failed", "train")  # not annotated
+    # b breaks without a new size or mtime, so only ignoring its cache entry finds it out.
+    st = (root / "b.mp4").stat()
+    (root / "b.mp4").write_bytes(b"\0" * st.st_size)
+    os.utime(root / "b.mp4", ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    summary = _build("list", ann, root, out)
+    manifest, quarantine = _read(out)
+    assert summary["probed"] == 2 and summary["reused"] == 1
+    assert [Path(m["path"]).name for m in manifest] == ["a.mp4", "c.mp4"]
+    rows = sorted((q["path"], q["source"]) for q in quarantine)
+    assert rows == [("/elsewhere/x.mp4", "train"), (str(root / "b.mp4"), "manifest")]
+    assert "not a readable media file" in next(q["reason"] for q in quarantine
+                                               if q["source"] == "manifest")
+    assert (summary["reprobed_run_quarantine"], summary["restored"]) == (2, 1)
+    err = capsys.readouterr().err
+    assert "re-probed 2 files quarantined by training/eval runs: 1 back in the manifest, " \
+           "1 still quarantined" in err
+    # Nothing left to re-probe: the next rebuild reuses every probe and says nothing.
+    again = _build("list", ann, root, out)
+    assert (again["probed"], again["reprobed_run_quarantine"]) == (0, 0)
+    assert "re-probed" not in capsys.readouterr().err
+
+
 def test_cli(shared_videos, tmp_path):
     ann = tmp_path / "l.txt"
     ann.write_text(f"{shared_videos / CLIP},0\n")
