@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -187,25 +189,70 @@ def _missing(row: Row, tried: str) -> Row:
 
 # ---------------------------------------------------------------- formats
 
+def _csv_lines(text: str) -> list[tuple[int, list[str] | None, str | None]]:
+    """(line number, fields, error) of each non-blank line, each line parsed on its own.
+
+    No field of these formats holds a newline, and parsing the file as one stream lets an
+    unterminated quote swallow every following line into one field, silently.
+    """
+    out = []
+    for n, line in enumerate(io.StringIO(text, newline=None), start=1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            fields = next(csv.reader([line], strict=True))
+        except csv.Error as exc:
+            out.append((n, None, _csv_error(line, exc)))
+            continue
+        out.append((n, fields, None))
+    return out
+
+
+def _csv_error(line: str, exc: csv.Error) -> str:
+    what = ("unterminated quote (a field opens with \" and the line ends first)"
+            if "end of data" in str(exc) else f"malformed CSV ({exc})")
+    return f"{what} in {line[:80]!r}; fix the quoting or remove the line"
+
+
 def parse_kinetics(annotations, root: Path, labels=None, split=None):
     text = _read_text(annotations, "Kinetics annotation CSV")
-    reader = csv.DictReader(text.splitlines())
+    lines = _csv_lines(text)
+    header = lines[0][1] if lines else None
     need = {"youtube_id", "time_start", "time_end"}
-    if not reader.fieldnames or not need <= set(reader.fieldnames):
+    if not header or not need <= set(header):
         raise ManifestError(f"Kinetics CSV {annotations} needs a header with "
-                            f"label,youtube_id,time_start,time_end[,split]; got "
-                            f"{reader.fieldnames}")
-    records = list(reader)
+                            f"label,youtube_id,time_start,time_end[,split]; got {header}")
+    parsed, broken = [], []
+    for n, fields, error in lines[1:]:
+        if error is None and len(fields) != len(header):
+            error = (f"{len(fields)} fields, the header has {len(header)}; fix the line "
+                     "(a stray comma?)")
+        if error:
+            broken.append((n, Row(entry=f"line {n}", path=None, reason=error)))
+        else:
+            parsed.append((n, dict(zip(header, fields))))
+    # Classes from every split, so that train and val manifests agree on label indices.
     classes = (read_class_file(labels) if labels
-               else sorted({r["label"] for r in records if r.get("label")}))
+               else sorted({rec["label"] for _, rec in parsed if rec.get("label")}))
+    if "split" in header:
+        if split is None:
+            _require_split(annotations, [rec["split"] for _, rec in parsed])
+        parsed = [(n, rec) for n, rec in parsed if _split_matches(rec["split"], split)]
     index = {c: i for i, c in enumerate(classes)}
     videos = VideoIndex(root)
-    rows = []
-    for n, rec in enumerate(records, start=2):
-        if "split" in rec and rec["split"] is not None and not _split_matches(rec["split"], split):
-            continue
-        rows.append(_kinetics_row(n, rec, root, videos, index))
-    return rows, classes
+    # A broken line's split is unknown; it is reported whichever split is built.
+    rows = broken + [(n, _kinetics_row(n, rec, root, videos, index)) for n, rec in parsed]
+    return [row for _, row in sorted(rows, key=lambda nr: nr[0])], classes
+
+
+def _require_split(annotations, values: list[str]) -> None:
+    counts = Counter(v.strip() or "(empty)" for v in values)
+    if len(counts) <= 1:
+        return  # one split only: nothing can be mixed
+    listed = ", ".join(f"{k}: {c} row{'s' if c > 1 else ''}" for k, c in sorted(counts.items()))
+    raise ManifestError(f"Kinetics CSV {annotations} holds several splits ({listed}); pass "
+                        f"--split {'|'.join(sorted(counts))} to build one of them")
 
 
 def _kinetics_row(n: int, rec: dict, root: Path, videos: VideoIndex, index) -> Row:
@@ -267,34 +314,46 @@ def parse_ssv2(annotations, root: Path, labels=None, split=None):
 
 def parse_mit(annotations, root: Path, labels=None, split=None):
     text = _read_text(annotations, "Moments in Time CSV")
-    lines = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
-    if lines and _looks_like_header(lines[0]):
+    lines = _csv_lines(text)
+    if lines and lines[0][1] is not None and _is_mit_header(lines[0][1]):
         lines = lines[1:]
-    classes = read_class_file(labels) if labels else sorted({r[1].strip() for r in lines
-                                                              if len(r) > 1})
+    classes = read_class_file(labels) if labels else sorted(
+        {f[1].strip() for _, f, _ in lines if f is not None and len(f) > 1})
     index = {c: i for i, c in enumerate(classes)}
-    rows = []
-    for n, rec in enumerate(lines, start=1):
-        row = Row(entry=f"row {n}", path=None)
-        if len(rec) < 2:
-            row.reason = f"row has {len(rec)} column(s); expected 'relative/path,label'"
-            rows.append(row)
-            continue
-        name = rec[1].strip()
-        if name.isdigit() and name not in index and int(name) < len(classes):
-            name = classes[int(name)]  # some releases store the category index
-        _label_row(row, name, index)
-        candidate = root / rec[0].strip()
-        if candidate.is_file():
-            row.path = _abs(candidate)
-        elif not row.reason:
-            _missing(row, str(candidate))
-        rows.append(row)
-    return rows, classes
+    return [_mit_row(n, fields, error, root, classes, index)
+            for n, fields, error in lines], classes
 
 
-def _looks_like_header(first: list[str]) -> bool:
-    return Path(first[0].strip()).suffix.lower() not in VIDEO_EXTS
+def _mit_row(n, fields, error, root: Path, classes, index) -> Row:
+    row = Row(entry=f"line {n}", path=None)
+    if error or len(fields) < 2:
+        row.reason = error or (f"{len(fields)} column(s); expected 'relative/path,label'")
+        return row
+    name = fields[1].strip()
+    if name.isdigit() and name not in index and int(name) < len(classes):
+        name = classes[int(name)]  # some releases store the category index
+    _label_row(row, name, index)
+    candidate = root / fields[0].strip()
+    if candidate.is_file():
+        row.path = _abs(candidate)
+    elif not row.reason:
+        _missing(row, str(candidate))
+    return row
+
+
+# Column names seen in Moments in Time style CSVs; a header is known by these, never by
+# "the first cell is not a video path", which ate first rows of .mpeg/.gif datasets.
+MIT_PATH_COLUMNS = {"video", "videos", "video_path", "video_name", "path", "file", "filename",
+                    "file_name", "clip"}
+MIT_LABEL_COLUMNS = {"label", "labels", "category", "class", "class_name", "label_name",
+                     "action"}
+
+
+def _is_mit_header(first: list[str]) -> bool:
+    cells = [c.strip().lower() for c in first]
+    return (cells[0] in MIT_PATH_COLUMNS
+            or (len(cells) > 1 and cells[1] in MIT_LABEL_COLUMNS
+                and Path(cells[0]).suffix not in VIDEO_EXTS))
 
 
 def parse_activitynet(annotations, root: Path, labels=None, split=None):

@@ -98,6 +98,43 @@ def test_kinetics_bad_header(tmp_path):
         _build("kinetics", csv, tmp_path, tmp_path / "m")
 
 
+def test_kinetics_unterminated_quote_loses_no_row(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    for n in (1, 2, 3, 4):
+        _link(shared_videos / CLIP, root / "b" / f"v{n}_000000_000010.mp4")
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\n"
+                   "b,v1,0,10,train\n"
+                   '"b,v2,0,10,train\n'                    # the quote never closes
+                   "b,v3,0,10,train\n"
+                   "\n"
+                   "b,v4,0,10,train,extra\n")               # one field too many
+    out = tmp_path / "m"
+    summary = _build("kinetics", csv, root, out)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert summary["num_rows"] == 4
+    assert [Path(m["path"]).name for m in manifest] == ["v1_000000_000010.mp4",
+                                                        "v3_000000_000010.mp4"]
+    assert [q["entry"] for q in quarantine] == ["line 3", "line 6"]
+    assert "unterminated quote" in quarantine[0]["reason"]
+    assert "6 fields" in quarantine[1]["reason"] and "header has 5" in quarantine[1]["reason"]
+
+
+def test_kinetics_split_column_needs_split(shared_videos, tmp_path):
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\n"
+                   "a,v1,0,10,train\nb,v2,0,10,val\nb,v3,0,10,train\n")
+    with pytest.raises(ManifestError) as err:
+        _build("kinetics", csv, tmp_path, tmp_path / "m")
+    msg = str(err.value)
+    assert str(csv) in msg and "--split" in msg
+    assert "train: 2 rows" in msg and "val: 1 row" in msg
+    summary = _build("kinetics", csv, tmp_path, tmp_path / "m", split="val")
+    assert summary["num_rows"] == 1
+    # Label indices stay those of all splits.
+    assert json.loads((tmp_path / "m" / "classes.json").read_text()) == ["a", "b"]
+
+
 # ---------------------------------------------------------------- ssv2
 
 def test_ssv2(shared_videos, tmp_path):
@@ -172,6 +209,23 @@ def test_mit(shared_videos, tmp_path, header, category_style):
     assert [(Path(m["path"]).name, m["label"], m["class_name"]) for m in manifest] == [
         ("a.mp4", 0, "clapping"), ("b.mp4", 1, "running")]
     assert len(quarantine) == 2
+
+
+def test_mit_first_row_with_another_extension_is_data(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    _link(shared_videos / CLIP, root / "clapping" / "a.mpeg")
+    _link(shared_videos / CLIP2, root / "running" / "b.mp4")
+    csv = tmp_path / "trainingSet.csv"
+    csv.write_text("clapping/a.mpeg,clapping,3,0\nrunning/b.mp4,running,2,1\n"
+                   '"running/c.mp4,running,3,0\nrunning/b.mp4,running,1,0\n')
+    out = tmp_path / "m"
+    summary = _build("mit", csv, root, out)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert summary["num_rows"] == 4
+    assert [(Path(m["path"]).name, m["class_name"]) for m in manifest] == [
+        ("a.mpeg", "clapping"), ("b.mp4", "running"), ("b.mp4", "running")]
+    assert [(q["entry"], "unterminated quote" in q["reason"]) for q in quarantine] == [
+        ("line 3", True)]
 
 
 # ---------------------------------------------------------------- activitynet
