@@ -295,6 +295,8 @@ def parse_ssv2(annotations, root: Path, labels=None, split=None):
     if not isinstance(data, list):
         raise ManifestError(f"SSv2 annotation {annotations} must be a JSON list of "
                             "{id, label, template, placeholders}")
+    for n, rec in enumerate(data):
+        _check_ssv2_entry(annotations, n, rec)
     videos = VideoIndex(root)
     rows = []
     for n, rec in enumerate(data):
@@ -310,6 +312,37 @@ def parse_ssv2(annotations, root: Path, labels=None, split=None):
         row.path = _abs(found)
         rows.append(row)
     return rows, classes
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {str: "a string", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _entry_error(annotations, where: str, what: str) -> ManifestError:
+    return ManifestError(f"{annotations}: {where}: {what}; fix or remove that entry")
+
+
+def _check_field(annotations, where: str, rec: dict, key: str, types: tuple,
+                 expected: str) -> None:
+    value = rec.get(key)
+    if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+        raise _entry_error(annotations, where, f"{key!r} must be {expected}, got "
+                                               f"{_json_type(value)} ({value!r:.60})")
+
+
+def _check_ssv2_entry(annotations, n: int, rec) -> None:
+    where = f"entry {n}"
+    if not isinstance(rec, dict):
+        raise _entry_error(annotations, where, f"expected an object {{id, label, template, "
+                                               f"placeholders}}, got {_json_type(rec)} "
+                                               f"({rec!r:.60})")
+    _check_field(annotations, where, rec, "id", (str, int), "a string or a number")
+    _check_field(annotations, where, rec, "template", (str,), "a string")
 
 
 def parse_mit(annotations, root: Path, labels=None, split=None):
@@ -361,6 +394,8 @@ def parse_activitynet(annotations, root: Path, labels=None, split=None):
     database = data.get("database") if isinstance(data, dict) else None
     if not isinstance(database, dict):
         raise ManifestError(f"ActivityNet annotation {annotations} has no 'database' object")
+    for n, (vid, info) in enumerate(database.items()):
+        _check_activitynet_entry(annotations, f"entry {n} (video {vid!r})", info)
     classes = read_class_file(labels) if labels else sorted(
         {a.get("label") for v in database.values() for a in v.get("annotations", [])
          if a.get("label")})
@@ -379,6 +414,20 @@ def parse_activitynet(annotations, root: Path, labels=None, split=None):
         for k, seg in enumerate(segments):
             rows.append(_activitynet_row(vid, k, seg, found, root, index))
     return rows, classes
+
+
+def _check_activitynet_entry(annotations, where: str, info) -> None:
+    if not isinstance(info, dict):
+        raise _entry_error(annotations, where, f"expected an object {{subset, annotations, "
+                                               f"...}}, got {_json_type(info)} ({info!r:.60})")
+    _check_field(annotations, where, info, "subset", (str,), "a string")
+    _check_field(annotations, where, info, "annotations", (list,), "a list")
+    for k, seg in enumerate(info.get("annotations") or []):
+        seg_where = f"{where} annotation {k}"
+        if not isinstance(seg, dict):
+            raise _entry_error(annotations, seg_where, f"expected an object {{segment, "
+                                                       f"label}}, got {_json_type(seg)}")
+        _check_field(annotations, seg_where, seg, "label", (str,), "a string")
 
 
 def _activitynet_row(vid, k, seg, found, root, index) -> Row:

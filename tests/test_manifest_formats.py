@@ -336,6 +336,46 @@ def test_decode_errors_quarantined_unless_kept(shared_videos, garbage_vp9, tmp_p
     assert json.loads((out / "meta.json").read_text())["keep_decode_errors"] is True
 
 
+# ---------------------------------------------------------------- wrongly typed JSON
+
+def _anet(entry) -> dict:
+    return {"version": "1.3", "database": {"ok": {"subset": "training", "annotations": []},
+                                           "v1": entry}}
+
+
+@pytest.mark.parametrize("fmt,data,where,what", [
+    ("ssv2", [{"id": "1"}, "12345"], "entry 1", "got a string"),
+    ("ssv2", [None], "entry 0", "got null"),
+    ("ssv2", [{"id": "1", "template": ["Holding [something]"]}], "entry 0",
+     "'template' must be a string, got a list"),
+    ("ssv2", [{"id": {"n": 1}, "template": "Holding [something]"}], "entry 0",
+     "'id' must be a string or a number, got an object"),
+    ("activitynet", _anet("training"), "entry 1 (video 'v1')", "got a string"),
+    ("activitynet", _anet(None), "entry 1 (video 'v1')", "got null"),
+    ("activitynet", _anet({"subset": "training", "annotations": {"segment": [0, 1]}}),
+     "entry 1 (video 'v1')", "'annotations' must be a list, got an object"),
+    ("activitynet", _anet({"subset": "training", "annotations": [None]}),
+     "entry 1 (video 'v1') annotation 0", "got null"),
+    ("activitynet", _anet({"subset": "training", "annotations": [{"segment": [0, 1],
+                                                                  "label": 3}]}),
+     "entry 1 (video 'v1') annotation 0", "'label' must be a string, got a number"),
+    ("activitynet", {"database": {"v1": {"subset": ["training"], "annotations": []}}},
+     "entry 0 (video 'v1')", "'subset' must be a string, got a list"),
+])
+def test_wrongly_typed_json_is_one_error_line(tmp_path, capsys, fmt, data, where, what):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"Holding something": "0"}))
+    argv = [fmt, "--annotations", str(ann), "--root", str(tmp_path), "--out",
+            str(tmp_path / "m"), "--labels", str(labels), "--split", "training"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"error: {ann}: {where}: ") and what in err, err
+    assert not (tmp_path / "m" / "manifest.jsonl").exists()
+
+
 # ---------------------------------------------------------------- cache
 
 def test_probe_cache_reuse_and_invalidation(shared_videos, tmp_path):
