@@ -14,8 +14,11 @@ import argparse
 import csv
 import io
 import json
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .probe import DEFAULT_TIMEOUT_S, ProbeError, probe_video
+from .probe import DEFAULT_TIMEOUT_S, ProbeError, die_with_parent, probe_video
 
 FORMATS = ("kinetics", "ssv2", "mit", "activitynet", "list")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -160,12 +163,7 @@ class VideoIndex:
 
     def find(self, stems: list[str], prefer_dirs: tuple[str, ...] = ()) -> Path | None:
         if self._stems is None:
-            self._stems = {}
-            for dirpath, _, files in os.walk(self.root, followlinks=True):
-                for f in files:
-                    p = Path(dirpath, f)
-                    if p.suffix.lower() in VIDEO_EXTS:
-                        self._stems.setdefault(p.stem, []).append(p)
+            self._stems = self._walk()
         for stem in stems:
             hits = self._stems.get(stem, [])
             for d in prefer_dirs:
@@ -175,6 +173,26 @@ class VideoIndex:
             if hits:
                 return sorted(hits)[0]
         return None
+
+
+    def _walk(self) -> dict[str, list[Path]]:
+        """Video files by stem. Directory links are followed (dataset trees are often
+        links to other disks), but each real directory is entered once: a link back up
+        the tree would otherwise index every file below it again, level after level."""
+        stems: dict[str, list[Path]] = {}
+        seen: set[str] = set()
+        for dirpath, dirnames, files in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames.clear()
+                continue
+            seen.add(real)
+            dirnames.sort()  # of two links to one directory, the first name wins
+            for f in files:
+                p = Path(dirpath, f)
+                if p.suffix.lower() in VIDEO_EXTS:
+                    stems.setdefault(p.stem, []).append(p)
+        return stems
 
 
 def _abs(p: Path) -> str:
@@ -571,12 +589,42 @@ def _run_probes(todo: list[str], workers: int, timeout, bar):
             if bar:
                 bar.update()
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+    # Fork, so that each worker's parent is this process (die_with_parent checks it).
+    ctx = multiprocessing.get_context("fork") if _can_fork() else None
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                               initializer=_init_worker, initargs=(os.getpid(),))
+    try:
         futures = [pool.submit(_probe_one, p, timeout) for p in todo]
         for fut in as_completed(futures):
             yield fut.result()
             if bar:
                 bar.update()
+    except BaseException:
+        # SIGTERM, Ctrl-C or an error: a clean shutdown would wait for every running probe.
+        _kill_pool(pool)
+        raise
+    pool.shutdown()
+
+
+def _init_worker(parent_pid: int) -> None:
+    # Forked workers inherit the builder's SIGTERM handler; they should just stop.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent_pid)
+
+
+def _can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers now; their probe children die with them (die_with_parent)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+    for proc in processes:
+        proc.join(5)
 
 
 # ---------------------------------------------------------------- output
@@ -781,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep files whose probe logged FFmpeg decode errors (listed in "
                              "probe.decode_errors) instead of quarantining them")
     args = parser.parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         summary = build_manifest(args.format, args.annotations, args.root, args.out,
                                  args.labels, args.split, args.workers, args.timeout,
@@ -788,8 +838,23 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"error: stopped by SIGTERM; probe workers killed, manifest in {args.out} not "
+              "written or incomplete: run the same command again", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM reached the builder; raised in the main thread to unwind the probe pool."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -94,7 +94,37 @@ def _check_file(path: str) -> None:
         raise ProbeError(path, "file is empty (0 bytes)")
 
 
-def _child_main(conn, path: str, max_pixels: int) -> None:
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have Linux SIGKILL this process when its parent dies; a no-op elsewhere.
+
+    A probe worker or probe child outliving a killed builder keeps decoding (and holds
+    its pipes open) with nobody to report to. The flag follows the parent *thread* that
+    forked us, which for the builder and its pool workers is the main thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the flag was set
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _child_main(conn, path: str, max_pixels: int, parent_pid: int) -> None:
+    import signal
+
+    # A handler inherited from the caller (the builder's SIGTERM handler) must not turn a
+    # SIGTERM into a "probe crashed" reason for this file; the parent decides what stops.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent_pid)
     try:
         conn.send(("ok", _probe(path, max_pixels)))
     except ProbeError as exc:
@@ -108,7 +138,8 @@ def _child_main(conn, path: str, max_pixels: int) -> None:
 def _probe_in_child(path: str, timeout: float, max_pixels: int) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(send, path, max_pixels), daemon=True)
+    proc = ctx.Process(target=_child_main, args=(send, path, max_pixels, os.getpid()),
+                       daemon=True)
     proc.start()
     send.close()
     try:

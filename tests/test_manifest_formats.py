@@ -3,8 +3,10 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -374,6 +376,121 @@ def test_wrongly_typed_json_is_one_error_line(tmp_path, capsys, fmt, data, where
     assert err.count("\n") == 1, err
     assert err.startswith(f"error: {ann}: {where}: ") and what in err, err
     assert not (tmp_path / "m" / "manifest.jsonl").exists()
+
+
+# ---------------------------------------------------------------- processes and links
+
+def _stat(pid: int):
+    """(ppid, state, start time) of a process from /proc, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _family(pid: int) -> dict[int, tuple[int, int]]:
+    """Descendants of pid: {pid: (start time, depth)}; children have depth 1."""
+    stats = {int(d): _stat(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+    found, frontier, depth = {}, {pid}, 0
+    while frontier:
+        depth += 1
+        kids = {p for p, st in stats.items() if st and st[0] in frontier and p not in found}
+        found.update({p: (stats[p][2], depth) for p in kids})
+        frontier = kids
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    st = _stat(pid)
+    # A zombie has finished; nobody may reap orphans in a container.
+    return st is not None and st[1] != "Z" and st[2] == start
+
+
+def _has_video_open(pid: int) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").endswith(".mp4")
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def _wait_for_probe_children(proc, depth: int) -> dict[int, int]:
+    """{pid: start time} of the builder's descendants once a probe child reads a video
+    (so past its start-up, where it arranges to die with its parent)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        family = _family(proc.pid)
+        if any(d == depth and _has_video_open(p) for p, (_, d) in family.items()):
+            return {p: start for p, (start, _) in family.items()}
+        time.sleep(0.01)
+    raise AssertionError("the builder never started a probe child")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl are Linux")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["KILL", "TERM"])
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-builder", "pool"])
+def test_stopped_builder_leaves_no_probe_process(shared_videos, tmp_path, sig, workers):
+    ann = tmp_path / "list.txt"
+    ann.write_text("".join(f"{i}.mp4 0\n" for i in range(12)))
+    for i in range(12):
+        _link(shared_videos / "sam2_juggle_720p24.mp4", tmp_path / f"{i}.mp4")
+    repo = Path(__file__).resolve().parent.parent
+    # Files, not pipes: orphans would hold a pipe open and hang the test instead.
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dali_pipes.manifest", "list", "--annotations", str(ann),
+             "--root", str(tmp_path), "--out", str(tmp_path / "m"), "--workers", str(workers)],
+            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(repo)})
+    family = {}
+    try:
+        # Probe children are forked by the builder itself (1 worker) or by pool workers.
+        family = _wait_for_probe_children(proc, depth=1 if workers == 1 else 2)
+        # Frozen, a probe cannot finish on its own while we watch; only a kill ends it.
+        for p in family:
+            _signal_quietly(p, signal.SIGSTOP)
+        proc.send_signal(sig)
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(*ps) for ps in family.items()):
+            time.sleep(0.05)
+        assert [p for p, start in family.items() if _alive(p, start)] == []
+    finally:
+        proc.kill()
+        for p, start in family.items():
+            if _alive(p, start):
+                _signal_quietly(p, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert "SIGTERM" in (tmp_path / "stderr.txt").read_text()
+    assert not (tmp_path / "m" / "manifest.jsonl").exists()
+
+
+def _signal_quietly(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # it finished meanwhile
+
+
+def test_symlink_loop_indexes_each_file_once(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    _link(shared_videos / WEBM, root / "sub" / "vid.webm")
+    os.symlink(root, root / "sub" / "loop")
+    elsewhere = tmp_path / "elsewhere"
+    _link(shared_videos / WEBM, elsewhere / "other.webm")
+    os.symlink(elsewhere, root / "ext")    # a link out of the root is still followed...
+    os.symlink(elsewhere, root / "ext2")   # ...once
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"Holding something": 0}))
+    ann = tmp_path / "ssv2.json"
+    ann.write_text(json.dumps([{"id": i, "template": "Holding [something]"}
+                               for i in ("vid", "other")]))
+    out = tmp_path / "m"
+    manifest, _ = _assert_balanced(_build("ssv2", ann, root, out, labels=labels), out)
+    assert [m["path"] for m in manifest] == [str(root / "sub" / "vid.webm"),
+                                             str(root / "ext" / "other.webm")]
 
 
 # ---------------------------------------------------------------- cache
