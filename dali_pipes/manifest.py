@@ -479,6 +479,9 @@ def parse_list(annotations, root: Path, labels=None, split=None):
     else:
         ints = [int(lab) for _, _, lab in entries if lab.lstrip("-").isdigit()]
         classes = [str(i) for i in range(max(ints) + 1)] if ints else []
+    outside = [(n, lab) for n, _, lab in entries
+               if lab.lstrip("-").isdigit() and not 0 <= int(lab) < len(classes)]
+    _check_label_range(annotations, labels, outside, len(classes))
     rows = []
     for n, rel, lab in entries:
         row = Row(entry=f"line {n}", path=None)
@@ -495,10 +498,51 @@ def parse_list(annotations, root: Path, labels=None, split=None):
     return rows, classes
 
 
+def _check_label_range(annotations, labels, outside: list[tuple[int, str]], num: int) -> None:
+    """A label beyond a given class list is a wrong list or a wrong file, not a bad row."""
+    if not outside:
+        return
+    n, lab = outside[0]
+    if labels:
+        raise ManifestError(f"{annotations}: line {n}: label index {lab} is outside 0..{num - 1}"
+                            f" of the class list {labels} ({len(outside)} such rows); fix the "
+                            "indices or pass the class list they were written for")
+    _warn(f"{annotations}: {len(outside)} rows have a label index outside 0..{num - 1} "
+          f"(e.g. line {n}: {lab}); they are quarantined")
+
+
 PARSERS: dict[str, Callable] = {
     "kinetics": parse_kinetics, "ssv2": parse_ssv2, "mit": parse_mit,
     "activitynet": parse_activitynet, "list": parse_list,
 }
+
+
+# ---------------------------------------------------------------- warnings
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _warn_about_rows(annotations, rows: list[Row], split: str | None) -> None:
+    """Legal but suspicious annotation files, one line each: they are kept as given."""
+    if not rows:
+        what = f"of split {split!r}" if split else "(only a header or comments?)"
+        _warn(f"{annotations}: no annotation rows {what}; the manifest is empty")
+        return
+    first: dict[tuple, str] = {}
+    dups = []
+    for row in rows:
+        if row.path is None:
+            continue
+        key = (row.path, row.label, row.class_name, row.start, row.end)
+        if key in first:
+            dups.append((row.entry, first[key]))
+        else:
+            first[key] = row.entry
+    if dups:
+        _warn(f"{annotations}: {len(dups)} duplicate annotation rows (same video, label and "
+              f"segment as an earlier row; e.g. {dups[0][0]} repeats {dups[0][1]}); each copy "
+              "is kept and weighs its video more, remove them if that is not intended")
 
 
 # ---------------------------------------------------------------- probing
@@ -734,6 +778,7 @@ def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
     if not root.is_dir():
         raise ManifestError(f"video root {root} is not a directory; pass --root DIR")
     rows, classes = PARSERS[fmt](Path(annotations), root, labels, split)
+    _warn_about_rows(annotations, rows, split)
     out.mkdir(parents=True, exist_ok=True)
 
     cache = _load_cache(out)

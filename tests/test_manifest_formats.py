@@ -303,18 +303,62 @@ def test_list_with_real_and_broken_files(shared_videos, tmp_path):
     assert json.loads((out / "classes.json").read_text()) == ["0", "1", "2"]
 
 
-def test_list_label_errors(shared_videos, tmp_path):
+def test_list_label_errors(shared_videos, tmp_path, capsys):
+    ann = tmp_path / "list.txt"
+    ann.write_text(f"{shared_videos / CLIP} 0\n{shared_videos / CLIP2} -1\n"
+                   f"{shared_videos / CLIP} dog\n{shared_videos / WEBM} -2\n")
+    out = tmp_path / "m"
+    summary = _build("list", ann, tmp_path, out)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert [(m["label"], m["class_name"]) for m in manifest] == [(0, "0")]
+    assert [q["entry"] for q in quarantine] == ["line 2", "line 3", "line 4"]
+    assert "outside 0..0" in quarantine[0]["reason"]
+    assert "not an integer" in quarantine[1]["reason"]
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "outside" in line] == [
+        f"warning: {ann}: 2 rows have a label index outside 0..0 (e.g. line 2: -1); they are "
+        "quarantined"]
+
+
+def test_list_label_outside_labels_file_is_refused(shared_videos, tmp_path):
     ann = tmp_path / "list.txt"
     ann.write_text(f"{shared_videos / CLIP} 0\n{shared_videos / CLIP} 5\n"
-                   f"{shared_videos / CLIP} dog\n")
+                   f"{shared_videos / CLIP} 1\n{shared_videos / CLIP} 2\n")
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\n")
+    with pytest.raises(ManifestError) as err:
+        _build("list", ann, tmp_path, tmp_path / "m", labels=names)
+    msg = str(err.value)
+    assert msg.startswith(f"{ann}: line 2: label index 5 is outside 0..1")
+    assert str(names) in msg and "2 such rows" in msg
+    assert not (tmp_path / "m" / "manifest.jsonl").exists()
+
+
+def test_duplicate_rows_are_counted(shared_videos, tmp_path, capsys):
+    ann = tmp_path / "list.txt"
+    ann.write_text(f"{CLIP} 0\n{CLIP2} 1\n{CLIP} 0\n{CLIP} 1\n{CLIP} 0\n")
     out = tmp_path / "m"
-    summary = _build("list", ann, tmp_path, out, labels=names)
-    manifest, quarantine = _assert_balanced(summary, out)
-    assert [(m["label"], m["class_name"]) for m in manifest] == [(0, "cat")]
-    assert "outside 0..1" in quarantine[0]["reason"]
-    assert "not an integer" in quarantine[1]["reason"]
+    manifest, _ = _assert_balanced(_build("list", ann, shared_videos, out), out)
+    assert len(manifest) == 5  # kept: the warning says they weigh more, nothing is lost
+    err = [line for line in capsys.readouterr().err.splitlines() if "duplicate" in line]
+    assert len(err) == 1
+    assert err[0].startswith(f"warning: {ann}: 2 duplicate annotation rows ")
+    assert "line 3 repeats line 1" in err[0]
+
+
+@pytest.mark.parametrize("fmt,text", [
+    ("kinetics", "label,youtube_id,time_start,time_end,split\n"),
+    ("mit", "video,label,agree,disagree\n"),
+    ("list", "\n# nothing yet\n"),
+])
+def test_header_only_annotations_warn(tmp_path, capsys, fmt, text):
+    ann = tmp_path / "ann.csv"
+    ann.write_text(text)
+    summary = _build(fmt, ann, tmp_path, tmp_path / "m")
+    assert summary["num_rows"] == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert err == [f"warning: {ann}: no annotation rows (only a header or comments?); the "
+                   "manifest is empty"]
 
 
 def test_decode_errors_quarantined_unless_kept(shared_videos, garbage_vp9, tmp_path):
