@@ -174,7 +174,6 @@ class VideoIndex:
                 return sorted(hits)[0]
         return None
 
-
     def _walk(self) -> dict[str, list[Path]]:
         """Video files by stem. Directory links are followed (dataset trees are often
         links to other disks), but each real directory is entered once: a link back up
@@ -193,7 +192,6 @@ class VideoIndex:
                 if p.suffix.lower() in VIDEO_EXTS:
                     stems.setdefault(p.stem, []).append(p)
         return stems
-
 
 def _abs(p: Path) -> str:
     # Not resolve(): symlinked dataset trees keep their own paths (label folders etc.).

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 from contextlib import contextmanager
@@ -107,7 +108,6 @@ def die_with_parent(parent_pid: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -119,8 +119,6 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _child_main(conn, path: str, max_pixels: int, parent_pid: int) -> None:
-    import signal
-
     # A handler inherited from the caller (the builder's SIGTERM handler) must not turn a
     # SIGTERM into a "probe crashed" reason for this file; the parent decides what stops.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -202,7 +200,10 @@ def _ffmpeg_errors(sink: list):
     """Collect FFmpeg's error-level log lines into ``sink``; restore the log settings after.
 
     The capture is process-wide (``local=False``) because frame-threaded decoders log from
-    their own threads; in the forked probe child this process is the probe alone.
+    their own threads; in the forked probe child this process is the probe alone. An
+    in-process probe (``timeout=None``) next to other PyAV threads may also collect their
+    lines, and PyAV's log hook has deadlocked threaded decoders before (PyAV issue #751);
+    with a timeout the probe runs in a child, so such a hang ends as a timeout.
     """
     import av.logging as avlog
 
@@ -213,7 +214,7 @@ def _ffmpeg_errors(sink: list):
     # which would make a second probe of a damaged file look clean.
     avlog.set_skip_repeated(False)
     try:
-        with capture as logs:
+        with capture:
             yield
     finally:
         avlog.set_skip_repeated(skip)
