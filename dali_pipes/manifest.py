@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .probe import DEFAULT_TIMEOUT_S, ProbeError, probe_video
+from .probe import DEFAULT_TIMEOUT_S, ProbeError, die_with_parent, probe_video
 
 FORMATS = ("kinetics", "ssv2", "mit", "activitynet", "list")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -31,8 +36,11 @@ QUARANTINE = "quarantine.jsonl"
 CLASSES = "classes.json"
 META = "meta.json"
 PROBE_CACHE = "probe_cache.json"
+# Quarantine sources written by training/evaluation runs (see append_quarantine).
+RUN_SOURCES = ("train", "eval")
 # Bump when probe fields or rules change, so old cached probes are not reused.
-PROBE_CACHE_VERSION = 1
+# 2: probes carry "decode_errors".
+PROBE_CACHE_VERSION = 2
 # ActivityNet and Kinetics name their splits differently; accept the short forms too.
 SPLIT_ALIASES = {
     "train": {"train", "training"},
@@ -155,12 +163,7 @@ class VideoIndex:
 
     def find(self, stems: list[str], prefer_dirs: tuple[str, ...] = ()) -> Path | None:
         if self._stems is None:
-            self._stems = {}
-            for dirpath, _, files in os.walk(self.root, followlinks=True):
-                for f in files:
-                    p = Path(dirpath, f)
-                    if p.suffix.lower() in VIDEO_EXTS:
-                        self._stems.setdefault(p.stem, []).append(p)
+            self._stems = self._walk()
         for stem in stems:
             hits = self._stems.get(stem, [])
             for d in prefer_dirs:
@@ -171,6 +174,24 @@ class VideoIndex:
                 return sorted(hits)[0]
         return None
 
+    def _walk(self) -> dict[str, list[Path]]:
+        """Video files by stem. Directory links are followed (dataset trees are often
+        links to other disks), but each real directory is entered once: a link back up
+        the tree would otherwise index every file below it again, level after level."""
+        stems: dict[str, list[Path]] = {}
+        seen: set[str] = set()
+        for dirpath, dirnames, files in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames.clear()
+                continue
+            seen.add(real)
+            dirnames.sort()  # of two links to one directory, the first name wins
+            for f in files:
+                p = Path(dirpath, f)
+                if p.suffix.lower() in VIDEO_EXTS:
+                    stems.setdefault(p.stem, []).append(p)
+        return stems
 
 def _abs(p: Path) -> str:
     # Not resolve(): symlinked dataset trees keep their own paths (label folders etc.).
@@ -184,25 +205,70 @@ def _missing(row: Row, tried: str) -> Row:
 
 # ---------------------------------------------------------------- formats
 
+def _csv_lines(text: str) -> list[tuple[int, list[str] | None, str | None]]:
+    """(line number, fields, error) of each non-blank line, each line parsed on its own.
+
+    No field of these formats holds a newline, and parsing the file as one stream lets an
+    unterminated quote swallow every following line into one field, silently.
+    """
+    out = []
+    for n, line in enumerate(io.StringIO(text, newline=None), start=1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            fields = next(csv.reader([line], strict=True))
+        except csv.Error as exc:
+            out.append((n, None, _csv_error(line, exc)))
+            continue
+        out.append((n, fields, None))
+    return out
+
+
+def _csv_error(line: str, exc: csv.Error) -> str:
+    what = ("unterminated quote (a field opens with \" and the line ends first)"
+            if "end of data" in str(exc) else f"malformed CSV ({exc})")
+    return f"{what} in {line[:80]!r}; fix the quoting or remove the line"
+
+
 def parse_kinetics(annotations, root: Path, labels=None, split=None):
     text = _read_text(annotations, "Kinetics annotation CSV")
-    reader = csv.DictReader(text.splitlines())
+    lines = _csv_lines(text)
+    header = lines[0][1] if lines else None
     need = {"youtube_id", "time_start", "time_end"}
-    if not reader.fieldnames or not need <= set(reader.fieldnames):
+    if not header or not need <= set(header):
         raise ManifestError(f"Kinetics CSV {annotations} needs a header with "
-                            f"label,youtube_id,time_start,time_end[,split]; got "
-                            f"{reader.fieldnames}")
-    records = list(reader)
+                            f"label,youtube_id,time_start,time_end[,split]; got {header}")
+    parsed, broken = [], []
+    for n, fields, error in lines[1:]:
+        if error is None and len(fields) != len(header):
+            error = (f"{len(fields)} fields, the header has {len(header)}; fix the line "
+                     "(a stray comma?)")
+        if error:
+            broken.append((n, Row(entry=f"line {n}", path=None, reason=error)))
+        else:
+            parsed.append((n, dict(zip(header, fields))))
+    # Classes from every split, so that train and val manifests agree on label indices.
     classes = (read_class_file(labels) if labels
-               else sorted({r["label"] for r in records if r.get("label")}))
+               else sorted({rec["label"] for _, rec in parsed if rec.get("label")}))
+    if "split" in header:
+        if split is None:
+            _require_split(annotations, [rec["split"] for _, rec in parsed])
+        parsed = [(n, rec) for n, rec in parsed if _split_matches(rec["split"], split)]
     index = {c: i for i, c in enumerate(classes)}
     videos = VideoIndex(root)
-    rows = []
-    for n, rec in enumerate(records, start=2):
-        if "split" in rec and rec["split"] is not None and not _split_matches(rec["split"], split):
-            continue
-        rows.append(_kinetics_row(n, rec, root, videos, index))
-    return rows, classes
+    # A broken line's split is unknown; it is reported whichever split is built.
+    rows = broken + [(n, _kinetics_row(n, rec, root, videos, index)) for n, rec in parsed]
+    return [row for _, row in sorted(rows, key=lambda nr: nr[0])], classes
+
+
+def _require_split(annotations, values: list[str]) -> None:
+    counts = Counter(v.strip() or "(empty)" for v in values)
+    if len(counts) <= 1:
+        return  # one split only: nothing can be mixed
+    listed = ", ".join(f"{k}: {c} row{'s' if c > 1 else ''}" for k, c in sorted(counts.items()))
+    raise ManifestError(f"Kinetics CSV {annotations} holds several splits ({listed}); pass "
+                        f"--split {'|'.join(sorted(counts))} to build one of them")
 
 
 def _kinetics_row(n: int, rec: dict, root: Path, videos: VideoIndex, index) -> Row:
@@ -245,6 +311,8 @@ def parse_ssv2(annotations, root: Path, labels=None, split=None):
     if not isinstance(data, list):
         raise ManifestError(f"SSv2 annotation {annotations} must be a JSON list of "
                             "{id, label, template, placeholders}")
+    for n, rec in enumerate(data):
+        _check_ssv2_entry(annotations, n, rec)
     videos = VideoIndex(root)
     rows = []
     for n, rec in enumerate(data):
@@ -262,36 +330,79 @@ def parse_ssv2(annotations, root: Path, labels=None, split=None):
     return rows, classes
 
 
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {str: "a string", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _entry_error(annotations, where: str, what: str) -> ManifestError:
+    return ManifestError(f"{annotations}: {where}: {what}; fix or remove that entry")
+
+
+def _check_field(annotations, where: str, rec: dict, key: str, types: tuple,
+                 expected: str) -> None:
+    value = rec.get(key)
+    if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+        raise _entry_error(annotations, where, f"{key!r} must be {expected}, got "
+                                               f"{_json_type(value)} ({value!r:.60})")
+
+
+def _check_ssv2_entry(annotations, n: int, rec) -> None:
+    where = f"entry {n}"
+    if not isinstance(rec, dict):
+        raise _entry_error(annotations, where, f"expected an object {{id, label, template, "
+                                               f"placeholders}}, got {_json_type(rec)} "
+                                               f"({rec!r:.60})")
+    _check_field(annotations, where, rec, "id", (str, int), "a string or a number")
+    _check_field(annotations, where, rec, "template", (str,), "a string")
+
+
 def parse_mit(annotations, root: Path, labels=None, split=None):
     text = _read_text(annotations, "Moments in Time CSV")
-    lines = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
-    if lines and _looks_like_header(lines[0]):
+    lines = _csv_lines(text)
+    if lines and lines[0][1] is not None and _is_mit_header(lines[0][1]):
         lines = lines[1:]
-    classes = read_class_file(labels) if labels else sorted({r[1].strip() for r in lines
-                                                              if len(r) > 1})
+    classes = read_class_file(labels) if labels else sorted(
+        {f[1].strip() for _, f, _ in lines if f is not None and len(f) > 1})
     index = {c: i for i, c in enumerate(classes)}
-    rows = []
-    for n, rec in enumerate(lines, start=1):
-        row = Row(entry=f"row {n}", path=None)
-        if len(rec) < 2:
-            row.reason = f"row has {len(rec)} column(s); expected 'relative/path,label'"
-            rows.append(row)
-            continue
-        name = rec[1].strip()
-        if name.isdigit() and name not in index and int(name) < len(classes):
-            name = classes[int(name)]  # some releases store the category index
-        _label_row(row, name, index)
-        candidate = root / rec[0].strip()
-        if candidate.is_file():
-            row.path = _abs(candidate)
-        elif not row.reason:
-            _missing(row, str(candidate))
-        rows.append(row)
-    return rows, classes
+    return [_mit_row(n, fields, error, root, classes, index)
+            for n, fields, error in lines], classes
 
 
-def _looks_like_header(first: list[str]) -> bool:
-    return Path(first[0].strip()).suffix.lower() not in VIDEO_EXTS
+def _mit_row(n, fields, error, root: Path, classes, index) -> Row:
+    row = Row(entry=f"line {n}", path=None)
+    if error or len(fields) < 2:
+        row.reason = error or (f"{len(fields)} column(s); expected 'relative/path,label'")
+        return row
+    name = fields[1].strip()
+    if name.isdigit() and name not in index and int(name) < len(classes):
+        name = classes[int(name)]  # some releases store the category index
+    _label_row(row, name, index)
+    candidate = root / fields[0].strip()
+    if candidate.is_file():
+        row.path = _abs(candidate)
+    elif not row.reason:
+        _missing(row, str(candidate))
+    return row
+
+
+# Column names seen in Moments in Time style CSVs; a header is known by these, never by
+# "the first cell is not a video path", which ate first rows of .mpeg/.gif datasets.
+MIT_PATH_COLUMNS = {"video", "videos", "video_path", "video_name", "path", "file", "filename",
+                    "file_name", "clip"}
+MIT_LABEL_COLUMNS = {"label", "labels", "category", "class", "class_name", "label_name",
+                     "action"}
+
+
+def _is_mit_header(first: list[str]) -> bool:
+    cells = [c.strip().lower() for c in first]
+    return (cells[0] in MIT_PATH_COLUMNS
+            or (len(cells) > 1 and cells[1] in MIT_LABEL_COLUMNS
+                and Path(cells[0]).suffix not in VIDEO_EXTS))
 
 
 def parse_activitynet(annotations, root: Path, labels=None, split=None):
@@ -299,6 +410,8 @@ def parse_activitynet(annotations, root: Path, labels=None, split=None):
     database = data.get("database") if isinstance(data, dict) else None
     if not isinstance(database, dict):
         raise ManifestError(f"ActivityNet annotation {annotations} has no 'database' object")
+    for n, (vid, info) in enumerate(database.items()):
+        _check_activitynet_entry(annotations, f"entry {n} (video {vid!r})", info)
     classes = read_class_file(labels) if labels else sorted(
         {a.get("label") for v in database.values() for a in v.get("annotations", [])
          if a.get("label")})
@@ -317,6 +430,20 @@ def parse_activitynet(annotations, root: Path, labels=None, split=None):
         for k, seg in enumerate(segments):
             rows.append(_activitynet_row(vid, k, seg, found, root, index))
     return rows, classes
+
+
+def _check_activitynet_entry(annotations, where: str, info) -> None:
+    if not isinstance(info, dict):
+        raise _entry_error(annotations, where, f"expected an object {{subset, annotations, "
+                                               f"...}}, got {_json_type(info)} ({info!r:.60})")
+    _check_field(annotations, where, info, "subset", (str,), "a string")
+    _check_field(annotations, where, info, "annotations", (list,), "a list")
+    for k, seg in enumerate(info.get("annotations") or []):
+        seg_where = f"{where} annotation {k}"
+        if not isinstance(seg, dict):
+            raise _entry_error(annotations, seg_where, f"expected an object {{segment, "
+                                                       f"label}}, got {_json_type(seg)}")
+        _check_field(annotations, seg_where, seg, "label", (str,), "a string")
 
 
 def _activitynet_row(vid, k, seg, found, root, index) -> Row:
@@ -350,6 +477,9 @@ def parse_list(annotations, root: Path, labels=None, split=None):
     else:
         ints = [int(lab) for _, _, lab in entries if lab.lstrip("-").isdigit()]
         classes = [str(i) for i in range(max(ints) + 1)] if ints else []
+    outside = [(n, lab) for n, _, lab in entries
+               if lab.lstrip("-").isdigit() and not 0 <= int(lab) < len(classes)]
+    _check_label_range(annotations, labels, outside, len(classes))
     rows = []
     for n, rel, lab in entries:
         row = Row(entry=f"line {n}", path=None)
@@ -366,10 +496,51 @@ def parse_list(annotations, root: Path, labels=None, split=None):
     return rows, classes
 
 
+def _check_label_range(annotations, labels, outside: list[tuple[int, str]], num: int) -> None:
+    """A label beyond a given class list is a wrong list or a wrong file, not a bad row."""
+    if not outside:
+        return
+    n, lab = outside[0]
+    if labels:
+        raise ManifestError(f"{annotations}: line {n}: label index {lab} is outside 0..{num - 1}"
+                            f" of the class list {labels} ({len(outside)} such rows); fix the "
+                            "indices or pass the class list they were written for")
+    _warn(f"{annotations}: {len(outside)} rows have a label index outside 0..{num - 1} "
+          f"(e.g. line {n}: {lab}); they are quarantined")
+
+
 PARSERS: dict[str, Callable] = {
     "kinetics": parse_kinetics, "ssv2": parse_ssv2, "mit": parse_mit,
     "activitynet": parse_activitynet, "list": parse_list,
 }
+
+
+# ---------------------------------------------------------------- warnings
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _warn_about_rows(annotations, rows: list[Row], split: str | None) -> None:
+    """Legal but suspicious annotation files, one line each: they are kept as given."""
+    if not rows:
+        what = f"of split {split!r}" if split else "(only a header or comments?)"
+        _warn(f"{annotations}: no annotation rows {what}; the manifest is empty")
+        return
+    first: dict[tuple, str] = {}
+    dups = []
+    for row in rows:
+        if row.path is None:
+            continue
+        key = (row.path, row.label, row.class_name, row.start, row.end)
+        if key in first:
+            dups.append((row.entry, first[key]))
+        else:
+            first[key] = row.entry
+    if dups:
+        _warn(f"{annotations}: {len(dups)} duplicate annotation rows (same video, label and "
+              f"segment as an earlier row; e.g. {dups[0][0]} repeats {dups[0][1]}); each copy "
+              "is kept and weighs its video more, remove them if that is not intended")
 
 
 # ---------------------------------------------------------------- probing
@@ -460,12 +631,42 @@ def _run_probes(todo: list[str], workers: int, timeout, bar):
             if bar:
                 bar.update()
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+    # Fork, so that each worker's parent is this process (die_with_parent checks it).
+    ctx = multiprocessing.get_context("fork") if _can_fork() else None
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                               initializer=_init_worker, initargs=(os.getpid(),))
+    try:
         futures = [pool.submit(_probe_one, p, timeout) for p in todo]
         for fut in as_completed(futures):
             yield fut.result()
             if bar:
                 bar.update()
+    except BaseException:
+        # SIGTERM, Ctrl-C or an error: a clean shutdown would wait for every running probe.
+        _kill_pool(pool)
+        raise
+    pool.shutdown()
+
+
+def _init_worker(parent_pid: int) -> None:
+    # Forked workers inherit the builder's SIGTERM handler; they should just stop.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent_pid)
+
+
+def _can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers now; their probe children die with them (die_with_parent)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+    for proc in processes:
+        proc.join(5)
 
 
 # ---------------------------------------------------------------- output
@@ -496,7 +697,8 @@ def _load_cache(out: Path) -> dict[str, Any]:
 
 
 def _foreign_quarantine(out: Path) -> list[dict]:
-    """Quarantine rows added later by training (source != manifest) survive a rebuild."""
+    """Quarantine rows added later by training (source != manifest); the builder's own
+    rows are rewritten on every build."""
     keep = []
     try:
         lines = (out / QUARANTINE).read_text(encoding="utf-8").splitlines()
@@ -512,13 +714,36 @@ def _foreign_quarantine(out: Path) -> list[dict]:
     return keep
 
 
-def _resolve_sample(row: Row, probe: dict | None,
-                    error: str | None) -> tuple[dict | None, dict | None]:
+def _run_quarantined(foreign: list[dict], to_probe: list[str]) -> set[str]:
+    """Annotated files that a training or eval run quarantined.
+
+    Such a row records what one run met (a DALI error, a bad disk, a file since replaced),
+    not what the file is, so a rebuild probes these files again without their cache entry.
+    """
+    paths = {r.get("path") for r in foreign if r.get("source") in RUN_SOURCES}
+    return paths & set(to_probe)
+
+
+def _report_reprobed(reprobed: set[str], samples: list[dict]) -> int:
+    back = len(reprobed & {s["path"] for s in samples})
+    if reprobed:
+        print(f"re-probed {len(reprobed)} files quarantined by training/eval runs: {back} back "
+              f"in the manifest, {len(reprobed) - back} still quarantined", file=sys.stderr)
+    return back
+
+
+def _resolve_sample(row: Row, probe: dict | None, error: str | None,
+                    keep_decode_errors: bool = False) -> tuple[dict | None, dict | None]:
     base = {"path": row.path, "entry": row.entry}
     if row.reason:
         return None, {**base, "reason": row.reason, "source": "manifest"}
     if error or probe is None:
         return None, {**base, "reason": error or "probe failed", "source": "manifest"}
+    decode_errors = probe.get("decode_errors") or []
+    if decode_errors and not keep_decode_errors:
+        # Frames came out, but FFmpeg logged damage: DALI may fail or show garbage.
+        return None, {**base, "reason": f"decode errors: {decode_errors[0]}",
+                      "source": "manifest"}
     end = row.end
     if row.start is not None:
         duration = probe.get("duration") or 0.0
@@ -534,8 +759,12 @@ def _resolve_sample(row: Row, probe: dict | None,
 
 def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
                    workers: int | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True,
+                   keep_decode_errors: bool = False) -> dict[str, Any]:
     """Parse, probe and write OUT/{manifest,quarantine}.jsonl, classes.json, meta.json.
+
+    Files whose probe logged FFmpeg errors are quarantined unless ``keep_decode_errors``;
+    kept ones list the errors in ``probe["decode_errors"]`` for the training config.
 
     Returns a summary: num_rows == num_samples + num_quarantined, plus how many files
     were probed now and how many probes were reused from the cache.
@@ -547,31 +776,43 @@ def build_manifest(fmt: str, annotations, root, out, labels=None, split=None,
     if not root.is_dir():
         raise ManifestError(f"video root {root} is not a directory; pass --root DIR")
     rows, classes = PARSERS[fmt](Path(annotations), root, labels, split)
+    _warn_about_rows(annotations, rows, split)
     out.mkdir(parents=True, exist_ok=True)
 
     cache = _load_cache(out)
     to_probe = sorted({r.path for r in rows if r.path and not r.reason})
+    foreign = _foreign_quarantine(out)
+    reprobed = _run_quarantined(foreign, to_probe)
+    for path in reprobed:
+        cache.pop(path, None)
     results, probed, reused = probe_all(to_probe, cache, workers or default_workers(),
                                         timeout, progress)
     samples, quarantined = [], []
     for row in rows:
         probe, error = results.get(row.path, (None, None)) if row.path else (None, None)
-        sample, bad = _resolve_sample(row, probe, error)
+        sample, bad = _resolve_sample(row, probe, error, keep_decode_errors)
         (samples.append(sample) if sample else quarantined.append(bad))
+    restored = _report_reprobed(reprobed, samples)
+    # The new probe decides for re-probed files: their run rows go, a failure is
+    # quarantined again above with today's reason.
+    foreign = [r for r in foreign
+               if not (r.get("source") in RUN_SOURCES and r.get("path") in reprobed)]
 
     _write_atomic(out / MANIFEST, _jsonl(samples))
-    _write_atomic(out / QUARANTINE, _jsonl(quarantined + _foreign_quarantine(out)))
+    _write_atomic(out / QUARANTINE, _jsonl(quarantined + foreign))
     _write_atomic(out / CLASSES, json.dumps(classes, ensure_ascii=False, indent=1) + "\n")
     _write_atomic(out / PROBE_CACHE,
                   json.dumps({"version": PROBE_CACHE_VERSION, "probes": cache}) + "\n")
     meta = {"format": fmt, "annotations": _abs(Path(annotations)), "root": str(root),
             "labels": _abs(Path(labels)) if labels else None, "split": split,
+            "keep_decode_errors": keep_decode_errors,
             "num_samples": len(samples), "num_quarantined": len(quarantined),
             "num_classes": len(classes),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _write_atomic(out / META, json.dumps(meta, indent=1) + "\n")
     return {**meta, "out": str(out), "num_rows": len(rows), "probed": probed,
-            "reused": reused, "seconds": round(time.monotonic() - started, 3)}
+            "reused": reused, "reprobed_run_quarantine": len(reprobed), "restored": restored,
+            "seconds": round(time.monotonic() - started, 3)}
 
 
 def load_manifest(directory) -> tuple[list[dict], list[str]]:
@@ -627,15 +868,36 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"probe processes (default min(8, cpus) = {default_workers()})")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds per file before the probe is killed")
+    parser.add_argument("--keep-decode-errors", action="store_true",
+                        help="keep files whose probe logged FFmpeg decode errors (listed in "
+                             "probe.decode_errors) instead of quarantining them")
     args = parser.parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         summary = build_manifest(args.format, args.annotations, args.root, args.out,
-                                 args.labels, args.split, args.workers, args.timeout)
+                                 args.labels, args.split, args.workers, args.timeout,
+                                 keep_decode_errors=args.keep_decode_errors)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"error: stopped by SIGTERM; probe workers killed, manifest in {args.out} not "
+              "written or incomplete: run the same command again", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM reached the builder; raised in the main thread to unwind the probe pool."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ must decode their first frame and their last GOP (``"ends"``). A decode error, o
 header claiming more frames than decode (a truncated mp4 keeps its index), rejects the
 file: DALI would fail the batch or silently return nothing.
 
+Decode errors: FFmpeg reports much damage only as error-level log lines (a demuxer
+resyncing over garbage, a decoder concealing a broken slice) while frames keep coming.
+Those lines are captured during the probe and kept as ``"decode_errors"`` (a few short,
+deduplicated strings; ``[]`` for a clean file) so that the manifest builder can decide.
+
 Rotation: degrees the stored picture must be turned *clockwise* to be displayed
 upright, in {0, 90, 180, 270}. FFmpeg's display matrix angle is counter-clockwise
 (``-90`` for a phone clip held upright), the legacy ``rotate`` tag is clockwise.
@@ -25,8 +30,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,10 @@ FULL_DECODE_MAX_PIXELS = 400_000_000
 # time base alternates 33/34 ticks; only a spread beyond rounding noise means VFR.
 VFR_MIN_SPREAD_TICKS = 2
 VFR_REL_TOLERANCE = 0.05
+# A file with errors usually repeats one message per damaged packet; a few distinct
+# lines are enough to decide and to read.
+MAX_DECODE_ERRORS = 5
+MAX_ERROR_CHARS = 200
 
 
 class ProbeError(ValueError):
@@ -84,7 +95,34 @@ def _check_file(path: str) -> None:
         raise ProbeError(path, "file is empty (0 bytes)")
 
 
-def _child_main(conn, path: str, max_pixels: int) -> None:
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have Linux SIGKILL this process when its parent dies; a no-op elsewhere.
+
+    A probe worker or probe child outliving a killed builder keeps decoding (and holds
+    its pipes open) with nobody to report to. The flag follows the parent *thread* that
+    forked us, which for the builder and its pool workers is the main thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the flag was set
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _child_main(conn, path: str, max_pixels: int, parent_pid: int) -> None:
+    # A handler inherited from the caller (the builder's SIGTERM handler) must not turn a
+    # SIGTERM into a "probe crashed" reason for this file; the parent decides what stops.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent_pid)
     try:
         conn.send(("ok", _probe(path, max_pixels)))
     except ProbeError as exc:
@@ -98,7 +136,8 @@ def _child_main(conn, path: str, max_pixels: int) -> None:
 def _probe_in_child(path: str, timeout: float, max_pixels: int) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(send, path, max_pixels), daemon=True)
+    proc = ctx.Process(target=_child_main, args=(send, path, max_pixels, os.getpid()),
+                       daemon=True)
     proc.start()
     send.close()
     try:
@@ -149,6 +188,54 @@ def _is_attached_pic(stream) -> bool:
 
 
 def _probe(path: str, max_pixels: int) -> dict[str, Any]:
+    logged: list[tuple[int, str, str]] = []
+    with _ffmpeg_errors(logged):
+        info = _probe_file(path, max_pixels)
+    info["decode_errors"] = _short_errors(logged)
+    return info
+
+
+@contextmanager
+def _ffmpeg_errors(sink: list):
+    """Collect FFmpeg's error-level log lines into ``sink``; restore the log settings after.
+
+    The capture is process-wide (``local=False``) because frame-threaded decoders log from
+    their own threads; in the forked probe child this process is the probe alone. An
+    in-process probe (``timeout=None``) next to other PyAV threads may also collect their
+    lines, and PyAV's log hook has deadlocked threaded decoders before (PyAV issue #751);
+    with a timeout the probe runs in a child, so such a hang ends as a timeout.
+    """
+    import av.logging as avlog
+
+    level, skip = avlog.get_level(), avlog.get_skip_repeated()
+    capture = avlog.Capture(local=False)
+    avlog.set_level(avlog.ERROR)
+    # PyAV drops a line equal to the previous one, even one logged for an earlier file,
+    # which would make a second probe of a damaged file look clean.
+    avlog.set_skip_repeated(False)
+    try:
+        with capture:
+            yield
+    finally:
+        avlog.set_skip_repeated(skip)
+        avlog.set_level(level)
+        sink.extend(capture.logs)
+
+
+def _short_errors(logged: list[tuple[int, str, str]]) -> list[str]:
+    out: list[str] = []
+    for _, name, message in logged:
+        text = " ".join(message.split())
+        line = f"{name}: {text}" if name else text
+        line = line[:MAX_ERROR_CHARS]
+        if text and line not in out:
+            out.append(line)
+        if len(out) == MAX_DECODE_ERRORS:
+            break
+    return out
+
+
+def _probe_file(path: str, max_pixels: int) -> dict[str, Any]:
     st = os.stat(path)
     container = _open(path)
     try:

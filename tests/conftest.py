@@ -37,3 +37,20 @@ def two_datasets(tmp_path, videos):
     return [{"name": "dali", "manifest": str(a), "val_manifest": str(a), "test_views": [2, 3]},
             {"name": "h264", "manifest": str(b), "val_manifest": str(b), "flip": False,
              "sampling": "uniform", "test_views": [1, 1]}]
+
+
+@pytest.fixture
+def garbage_vp9(shared_videos, tmp_path) -> Path:
+    """A copy of the shared VP9 webm with 4 KiB of random bytes written at half its size.
+
+    PyAV decodes it to the end without raising: FFmpeg only logs demuxer errors, so this
+    is the file that trains "fine" while printing errors.
+    """
+    import random
+
+    data = bytearray((shared_videos / "derived_juggle_vp9.webm").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = random.Random(0).randbytes(4096)
+    path = tmp_path / "garbage_vp9.webm"
+    path.write_bytes(bytes(data))
+    return path

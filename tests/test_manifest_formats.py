@@ -3,14 +3,16 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dali_pipes.manifest import (ManifestError, append_quarantine, build_manifest,
-                                 load_manifest, read_class_file, ssv2_class_name)
+                                 load_manifest, main, read_class_file, ssv2_class_name)
 
 # Small, quick-to-probe real clips (each decodes in a few ms).
 CLIP = "carphone_qcif_176x144.mp4"
@@ -98,6 +100,43 @@ def test_kinetics_bad_header(tmp_path):
         _build("kinetics", csv, tmp_path, tmp_path / "m")
 
 
+def test_kinetics_unterminated_quote_loses_no_row(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    for n in (1, 2, 3, 4):
+        _link(shared_videos / CLIP, root / "b" / f"v{n}_000000_000010.mp4")
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\n"
+                   "b,v1,0,10,train\n"
+                   '"b,v2,0,10,train\n'                    # the quote never closes
+                   "b,v3,0,10,train\n"
+                   "\n"
+                   "b,v4,0,10,train,extra\n")               # one field too many
+    out = tmp_path / "m"
+    summary = _build("kinetics", csv, root, out)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert summary["num_rows"] == 4
+    assert [Path(m["path"]).name for m in manifest] == ["v1_000000_000010.mp4",
+                                                        "v3_000000_000010.mp4"]
+    assert [q["entry"] for q in quarantine] == ["line 3", "line 6"]
+    assert "unterminated quote" in quarantine[0]["reason"]
+    assert "6 fields" in quarantine[1]["reason"] and "header has 5" in quarantine[1]["reason"]
+
+
+def test_kinetics_split_column_needs_split(shared_videos, tmp_path):
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\n"
+                   "a,v1,0,10,train\nb,v2,0,10,val\nb,v3,0,10,train\n")
+    with pytest.raises(ManifestError) as err:
+        _build("kinetics", csv, tmp_path, tmp_path / "m")
+    msg = str(err.value)
+    assert str(csv) in msg and "--split" in msg
+    assert "train: 2 rows" in msg and "val: 1 row" in msg
+    summary = _build("kinetics", csv, tmp_path, tmp_path / "m", split="val")
+    assert summary["num_rows"] == 1
+    # Label indices stay those of all splits.
+    assert json.loads((tmp_path / "m" / "classes.json").read_text()) == ["a", "b"]
+
+
 # ---------------------------------------------------------------- ssv2
 
 def test_ssv2(shared_videos, tmp_path):
@@ -174,6 +213,23 @@ def test_mit(shared_videos, tmp_path, header, category_style):
     assert len(quarantine) == 2
 
 
+def test_mit_first_row_with_another_extension_is_data(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    _link(shared_videos / CLIP, root / "clapping" / "a.mpeg")
+    _link(shared_videos / CLIP2, root / "running" / "b.mp4")
+    csv = tmp_path / "trainingSet.csv"
+    csv.write_text("clapping/a.mpeg,clapping,3,0\nrunning/b.mp4,running,2,1\n"
+                   '"running/c.mp4,running,3,0\nrunning/b.mp4,running,1,0\n')
+    out = tmp_path / "m"
+    summary = _build("mit", csv, root, out)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert summary["num_rows"] == 4
+    assert [(Path(m["path"]).name, m["class_name"]) for m in manifest] == [
+        ("a.mpeg", "clapping"), ("b.mp4", "running"), ("b.mp4", "running")]
+    assert [(q["entry"], "unterminated quote" in q["reason"]) for q in quarantine] == [
+        ("line 3", True)]
+
+
 # ---------------------------------------------------------------- activitynet
 
 def test_activitynet(shared_videos, tmp_path):
@@ -247,18 +303,238 @@ def test_list_with_real_and_broken_files(shared_videos, tmp_path):
     assert json.loads((out / "classes.json").read_text()) == ["0", "1", "2"]
 
 
-def test_list_label_errors(shared_videos, tmp_path):
+def test_list_label_errors(shared_videos, tmp_path, capsys):
+    ann = tmp_path / "list.txt"
+    ann.write_text(f"{shared_videos / CLIP} 0\n{shared_videos / CLIP2} -1\n"
+                   f"{shared_videos / CLIP} dog\n{shared_videos / WEBM} -2\n")
+    out = tmp_path / "m"
+    summary = _build("list", ann, tmp_path, out)
+    manifest, quarantine = _assert_balanced(summary, out)
+    assert [(m["label"], m["class_name"]) for m in manifest] == [(0, "0")]
+    assert [q["entry"] for q in quarantine] == ["line 2", "line 3", "line 4"]
+    assert "outside 0..0" in quarantine[0]["reason"]
+    assert "not an integer" in quarantine[1]["reason"]
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "outside" in line] == [
+        f"warning: {ann}: 2 rows have a label index outside 0..0 (e.g. line 2: -1); they are "
+        "quarantined"]
+
+
+def test_list_label_outside_labels_file_is_refused(shared_videos, tmp_path):
     ann = tmp_path / "list.txt"
     ann.write_text(f"{shared_videos / CLIP} 0\n{shared_videos / CLIP} 5\n"
-                   f"{shared_videos / CLIP} dog\n")
+                   f"{shared_videos / CLIP} 1\n{shared_videos / CLIP} 2\n")
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\n")
+    with pytest.raises(ManifestError) as err:
+        _build("list", ann, tmp_path, tmp_path / "m", labels=names)
+    msg = str(err.value)
+    assert msg.startswith(f"{ann}: line 2: label index 5 is outside 0..1")
+    assert str(names) in msg and "2 such rows" in msg
+    assert not (tmp_path / "m" / "manifest.jsonl").exists()
+
+
+def test_duplicate_rows_are_counted(shared_videos, tmp_path, capsys):
+    ann = tmp_path / "list.txt"
+    ann.write_text(f"{CLIP} 0\n{CLIP2} 1\n{CLIP} 0\n{CLIP} 1\n{CLIP} 0\n")
     out = tmp_path / "m"
-    summary = _build("list", ann, tmp_path, out, labels=names)
-    manifest, quarantine = _assert_balanced(summary, out)
-    assert [(m["label"], m["class_name"]) for m in manifest] == [(0, "cat")]
-    assert "outside 0..1" in quarantine[0]["reason"]
-    assert "not an integer" in quarantine[1]["reason"]
+    manifest, _ = _assert_balanced(_build("list", ann, shared_videos, out), out)
+    assert len(manifest) == 5  # kept: the warning says they weigh more, nothing is lost
+    err = [line for line in capsys.readouterr().err.splitlines() if "duplicate" in line]
+    assert len(err) == 1
+    assert err[0].startswith(f"warning: {ann}: 2 duplicate annotation rows ")
+    assert "line 3 repeats line 1" in err[0]
+
+
+@pytest.mark.parametrize("fmt,text", [
+    ("kinetics", "label,youtube_id,time_start,time_end,split\n"),
+    ("mit", "video,label,agree,disagree\n"),
+    ("list", "\n# nothing yet\n"),
+])
+def test_header_only_annotations_warn(tmp_path, capsys, fmt, text):
+    ann = tmp_path / "ann.csv"
+    ann.write_text(text)
+    summary = _build(fmt, ann, tmp_path, tmp_path / "m")
+    assert summary["num_rows"] == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert err == [f"warning: {ann}: no annotation rows (only a header or comments?); the "
+                   "manifest is empty"]
+
+
+def test_decode_errors_quarantined_unless_kept(shared_videos, garbage_vp9, tmp_path):
+    root = garbage_vp9.parent
+    shutil.copy(shared_videos / WEBM, root / "clean.webm")
+    ann = tmp_path / "list.txt"
+    ann.write_text(f"clean.webm 0\n{garbage_vp9.name} 1\n")
+    out = tmp_path / "m"
+    manifest, quarantine = _assert_balanced(_build("list", ann, root, out), out)
+    assert [(Path(m["path"]).name, m["probe"]["decode_errors"]) for m in manifest] == [
+        ("clean.webm", [])]
+    assert [(q["path"], q["entry"]) for q in quarantine] == [(str(garbage_vp9), "line 2")]
+    assert quarantine[0]["reason"].startswith("decode errors: matroska,webm: ")
+    # The flag only changes the decision, so the cached probes are reused.
+    assert main(["list", "--annotations", str(ann), "--root", str(root), "--out", str(out),
+                 "--workers", "1", "--keep-decode-errors"]) == 0
+    manifest, quarantine = _read(out)
+    assert quarantine == []
+    kept = {Path(m["path"]).name: m["probe"]["decode_errors"] for m in manifest}
+    assert kept["clean.webm"] == [] and kept[garbage_vp9.name][0].startswith("matroska")
+    assert json.loads((out / "meta.json").read_text())["keep_decode_errors"] is True
+
+
+# ---------------------------------------------------------------- wrongly typed JSON
+
+def _anet(entry) -> dict:
+    return {"version": "1.3", "database": {"ok": {"subset": "training", "annotations": []},
+                                           "v1": entry}}
+
+
+@pytest.mark.parametrize("fmt,data,where,what", [
+    ("ssv2", [{"id": "1"}, "12345"], "entry 1", "got a string"),
+    ("ssv2", [None], "entry 0", "got null"),
+    ("ssv2", [{"id": "1", "template": ["Holding [something]"]}], "entry 0",
+     "'template' must be a string, got a list"),
+    ("ssv2", [{"id": {"n": 1}, "template": "Holding [something]"}], "entry 0",
+     "'id' must be a string or a number, got an object"),
+    ("activitynet", _anet("training"), "entry 1 (video 'v1')", "got a string"),
+    ("activitynet", _anet(None), "entry 1 (video 'v1')", "got null"),
+    ("activitynet", _anet({"subset": "training", "annotations": {"segment": [0, 1]}}),
+     "entry 1 (video 'v1')", "'annotations' must be a list, got an object"),
+    ("activitynet", _anet({"subset": "training", "annotations": [None]}),
+     "entry 1 (video 'v1') annotation 0", "got null"),
+    ("activitynet", _anet({"subset": "training", "annotations": [{"segment": [0, 1],
+                                                                  "label": 3}]}),
+     "entry 1 (video 'v1') annotation 0", "'label' must be a string, got a number"),
+    ("activitynet", {"database": {"v1": {"subset": ["training"], "annotations": []}}},
+     "entry 0 (video 'v1')", "'subset' must be a string, got a list"),
+])
+def test_wrongly_typed_json_is_one_error_line(tmp_path, capsys, fmt, data, where, what):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"Holding something": "0"}))
+    argv = [fmt, "--annotations", str(ann), "--root", str(tmp_path), "--out",
+            str(tmp_path / "m"), "--labels", str(labels), "--split", "training"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"error: {ann}: {where}: ") and what in err, err
+    assert not (tmp_path / "m" / "manifest.jsonl").exists()
+
+
+# ---------------------------------------------------------------- processes and links
+
+def _stat(pid: int):
+    """(ppid, state, start time) of a process from /proc, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _family(pid: int) -> dict[int, tuple[int, int]]:
+    """Descendants of pid: {pid: (start time, depth)}; children have depth 1."""
+    stats = {int(d): _stat(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+    found, frontier, depth = {}, {pid}, 0
+    while frontier:
+        depth += 1
+        kids = {p for p, st in stats.items() if st and st[0] in frontier and p not in found}
+        found.update({p: (stats[p][2], depth) for p in kids})
+        frontier = kids
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    st = _stat(pid)
+    # A zombie has finished; nobody may reap orphans in a container.
+    return st is not None and st[1] != "Z" and st[2] == start
+
+
+def _has_video_open(pid: int) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").endswith(".mp4")
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def _wait_for_probe_children(proc, depth: int) -> dict[int, int]:
+    """{pid: start time} of the builder's descendants once a probe child reads a video
+    (so past its start-up, where it arranges to die with its parent)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        family = _family(proc.pid)
+        if any(d == depth and _has_video_open(p) for p, (_, d) in family.items()):
+            return {p: start for p, (start, _) in family.items()}
+        time.sleep(0.01)
+    raise AssertionError("the builder never started a probe child")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl are Linux")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["KILL", "TERM"])
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-builder", "pool"])
+def test_stopped_builder_leaves_no_probe_process(shared_videos, tmp_path, sig, workers):
+    ann = tmp_path / "list.txt"
+    ann.write_text("".join(f"{i}.mp4 0\n" for i in range(12)))
+    for i in range(12):
+        _link(shared_videos / "sam2_juggle_720p24.mp4", tmp_path / f"{i}.mp4")
+    repo = Path(__file__).resolve().parent.parent
+    # Files, not pipes: orphans would hold a pipe open and hang the test instead.
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dali_pipes.manifest", "list", "--annotations", str(ann),
+             "--root", str(tmp_path), "--out", str(tmp_path / "m"), "--workers", str(workers)],
+            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(repo)})
+    family = {}
+    try:
+        # Probe children are forked by the builder itself (1 worker) or by pool workers.
+        family = _wait_for_probe_children(proc, depth=1 if workers == 1 else 2)
+        # Frozen, a probe cannot finish on its own while we watch; only a kill ends it.
+        for p in family:
+            _signal_quietly(p, signal.SIGSTOP)
+        proc.send_signal(sig)
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(*ps) for ps in family.items()):
+            time.sleep(0.05)
+        assert [p for p, start in family.items() if _alive(p, start)] == []
+    finally:
+        proc.kill()
+        for p, start in family.items():
+            if _alive(p, start):
+                _signal_quietly(p, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert "SIGTERM" in (tmp_path / "stderr.txt").read_text()
+    assert not (tmp_path / "m" / "manifest.jsonl").exists()
+
+
+def _signal_quietly(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # it finished meanwhile
+
+
+def test_symlink_loop_indexes_each_file_once(shared_videos, tmp_path):
+    root = tmp_path / "videos"
+    _link(shared_videos / WEBM, root / "sub" / "vid.webm")
+    os.symlink(root, root / "sub" / "loop")
+    elsewhere = tmp_path / "elsewhere"
+    _link(shared_videos / WEBM, elsewhere / "other.webm")
+    os.symlink(elsewhere, root / "ext")    # a link out of the root is still followed...
+    os.symlink(elsewhere, root / "ext2")   # ...once
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"Holding something": 0}))
+    ann = tmp_path / "ssv2.json"
+    ann.write_text(json.dumps([{"id": i, "template": "Holding [something]"}
+                               for i in ("vid", "other")]))
+    out = tmp_path / "m"
+    manifest, _ = _assert_balanced(_build("ssv2", ann, root, out, labels=labels), out)
+    assert [m["path"] for m in manifest] == [str(root / "sub" / "vid.webm"),
+                                             str(root / "ext" / "other.webm")]
 
 
 # ---------------------------------------------------------------- cache
@@ -339,6 +615,41 @@ def test_rebuild_keeps_training_quarantine_rows(shared_videos, tmp_path):
     _build("list", ann, tmp_path, out)
     _, quarantine = _read(out)
     assert sorted(q["source"] for q in quarantine) == ["dali", "manifest"]
+
+
+def test_rebuild_reprobes_files_quarantined_by_training(shared_videos, tmp_path, capsys):
+    root = tmp_path / "videos"
+    root.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        shutil.copy(shared_videos / CLIP, root / name)
+    ann = tmp_path / "list.txt"
+    ann.write_text("a.mp4 0\nb.mp4 0\nc.mp4 0\n")
+    out = tmp_path / "m"
+    _build("list", ann, root, out)
+    for name, source in (("a.mp4", "train"), ("b.mp4", "eval")):
+        append_quarantine(out, root / name, "decoder failed", source)
+    append_quarantine(out, "/elsewhere/x.mp4", "decoder failed", "train")  # not annotated
+    # b breaks without a new size or mtime, so only ignoring its cache entry finds it out.
+    st = (root / "b.mp4").stat()
+    (root / "b.mp4").write_bytes(b"\0" * st.st_size)
+    os.utime(root / "b.mp4", ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    summary = _build("list", ann, root, out)
+    manifest, quarantine = _read(out)
+    assert summary["probed"] == 2 and summary["reused"] == 1
+    assert [Path(m["path"]).name for m in manifest] == ["a.mp4", "c.mp4"]
+    rows = sorted((q["path"], q["source"]) for q in quarantine)
+    assert rows == [("/elsewhere/x.mp4", "train"), (str(root / "b.mp4"), "manifest")]
+    assert "not a readable media file" in next(q["reason"] for q in quarantine
+                                               if q["source"] == "manifest")
+    assert (summary["reprobed_run_quarantine"], summary["restored"]) == (2, 1)
+    err = capsys.readouterr().err
+    assert "re-probed 2 files quarantined by training/eval runs: 1 back in the manifest, " \
+           "1 still quarantined" in err
+    # Nothing left to re-probe: the next rebuild reuses every probe and says nothing.
+    again = _build("list", ann, root, out)
+    assert (again["probed"], again["reprobed_run_quarantine"]) == (0, 0)
+    assert "re-probed" not in capsys.readouterr().err
 
 
 def test_cli(shared_videos, tmp_path):

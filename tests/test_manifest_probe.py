@@ -43,6 +43,7 @@ def test_probe_matches_readme(probes, shared_videos, name):
     assert p["mtime"] == pytest.approx((shared_videos / name).stat().st_mtime)
     assert p["fps"] > 0 and p["duration"] > 0
     assert p["pix_fmt"]
+    assert p["decode_errors"] == []
 
 
 def test_vfr_flags(probes):
@@ -161,3 +162,53 @@ def test_directory_is_not_a_file(tmp_path):
     d.mkdir()
     with pytest.raises(ProbeError, match="not a regular file"):
         probe_video(d)
+
+
+# ---------------------------------------------------------------- decode errors
+
+def test_garbage_in_the_middle_is_silent_for_plain_pyav(garbage_vp9):
+    import av
+
+    # The case the probe exists for: no exception, frames come out, errors only logged.
+    with av.open(str(garbage_vp9)) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames > 0
+
+
+@pytest.mark.parametrize("timeout", [60.0, None], ids=["forked-child", "in-process"])
+@pytest.mark.parametrize("max_pixels", [None, 0], ids=["full", "ends"])
+def test_decode_errors_are_recorded(garbage_vp9, timeout, max_pixels):
+    kwargs = {} if max_pixels is None else {"full_decode_max_pixels": max_pixels}
+    errors = probe_video(garbage_vp9, timeout=timeout, **kwargs)["decode_errors"]
+    assert 1 <= len(errors) <= 5
+    assert len(set(errors)) == len(errors)
+    assert all(isinstance(e, str) and 0 < len(e) <= 200 for e in errors)
+    assert any(e.startswith("matroska,webm: ") for e in errors), errors
+
+
+def test_same_errors_on_every_probe(garbage_vp9):
+    # PyAV drops a log line identical to the previous one, even across files; a second
+    # probe of the same file must not come back clean because of that.
+    first = probe_video(garbage_vp9, timeout=None)["decode_errors"]
+    assert first and probe_video(garbage_vp9, timeout=None)["decode_errors"] == first
+
+
+def test_decode_error_capture_restores_log_settings(garbage_vp9):
+    import av.logging as avlog
+
+    level, skip = avlog.get_level(), avlog.get_skip_repeated()
+    try:
+        avlog.set_level(avlog.WARNING)
+        assert probe_video(garbage_vp9, timeout=None)["decode_errors"]
+        assert (avlog.get_level(), avlog.get_skip_repeated()) == (avlog.WARNING, skip)
+        avlog.set_level(None)
+        assert probe_video(garbage_vp9, timeout=None)["decode_errors"]
+        assert avlog.get_level() is None
+        # Nothing keeps capturing after the probe: a new log line reaches a new capture.
+        avlog.set_level(avlog.ERROR)
+        with avlog.Capture(local=False) as logs:
+            avlog.log(avlog.ERROR, "test", "after the probe")
+        assert [m for _, _, m in logs] == ["after the probe"]
+    finally:
+        avlog.set_level(level)
+        avlog.set_skip_repeated(skip)
