@@ -17,16 +17,8 @@ Writes a console table, OUT/bench.json and OUT/bench.png (OUT: --out, default
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 
-import torch
-
-import runtime
-from config import Config, load_config
-from models import MultiTrainLoss, count_flops
+from config import exit_on_config_error, load_config
 
 MODES = ("data", "data-peer", "model", "e2e")
 
@@ -38,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20, help="timed iterations per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--peer-workers", type=int, default=2, help="DataLoader workers of data-peer")
+    p.add_argument("--batch-search", default="",
+                   help="model mode: comma list of batch sizes; the largest that fits in GPU "
+                        "memory is benchmarked (e.g. 64,48,32,24,16,12,8,4)")
     p.add_argument("--out", default=None, help="output folder for bench.json and bench.png")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -46,6 +41,22 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown mode(s) {bad}; choose from {MODES}")
     return args
+
+
+if __name__ == "__main__":  # a config mistake shows in a second, before torch and DALI load
+    _args = parse_args()
+    exit_on_config_error(load_config, _args.cfg, _args.overrides, check_paths=_args.modes != ["model"])
+
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import runtime  # noqa: E402
+from config import Config  # noqa: E402
+from models import MultiTrainLoss, count_flops  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -98,7 +109,8 @@ def train_flops_per_clip(macs: float, act_checkpoint: bool) -> float:
     return 2 * macs * (4 if act_checkpoint else 3)
 
 
-def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
+def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int,
+                batch_search: tuple = ()) -> dict:
     from train import build_optimizer  # the exact optimizer of training
     torch.manual_seed(0)
     num_classes = model_classes(cfg)
@@ -108,15 +120,16 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     precision = runtime.resolve_precision(cfg, env.device)
     optimizer = build_optimizer(cfg, model, env.device)
     loss_fn = MultiTrainLoss(list(num_classes), w_proj=cfg.loss.w_proj, w_inf=cfg.loss.w_inf)
-    b = cfg.data.batch_size
-    video = torch.randn(b, 3, frames, crop, crop, device=env.device)  # (B, 3, T, H, W)
-    ids = torch.arange(b, device=env.device) % len(num_classes)
-    masks = torch.nn.functional.one_hot(ids, len(num_classes)).float()  # (B, N)
-    targets = {n: torch.full((b, c), 1.0 / c, device=env.device) for n, c in num_classes.items()}
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)
 
-    def step():
+    def inputs(b: int):
+        video = torch.randn(b, 3, frames, crop, crop, device=env.device)  # (B, 3, T, H, W)
+        ids = torch.arange(b, device=env.device) % len(num_classes)
+        masks = torch.nn.functional.one_hot(ids, len(num_classes)).float()  # (B, N)
+        targets = {n: torch.full((b, c), 1.0 / c, device=env.device) for n, c in num_classes.items()}
+        return video, targets, masks
+
+    def step(batch):
+        video, targets, masks = batch
         optimizer.zero_grad(set_to_none=True)
         with runtime.autocast(precision, env.device):
             out = train_model(video)
@@ -124,12 +137,16 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
         loss.backward()
         optimizer.step()
 
+    b = largest_batch(step, inputs, batch_search, env.device) if batch_search else cfg.data.batch_size
+    batch = inputs(b)
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
     for _ in range(warmup):
-        step()
+        step(batch)
     sync(env.device)
     progress = Progress("model", iters, b)
     for _ in range(iters):
-        step()
+        step(batch)
         progress.tick(sync_device=env.device)
     clips_s = progress.rate()
     macs = count_flops(model.backbone, (1, 3, frames, crop, crop))  # multiply-adds per clip, forward
@@ -143,6 +160,24 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
             "peak_mem_allocated_gb": mem.get("allocated", 0.0),
             "peak_mem_reserved_gb": mem.get("reserved", 0.0),
             "act_checkpoint": cfg.model.act_checkpoint, "compile": cfg.model.compile}
+
+
+def largest_batch(step, inputs, candidates, device: torch.device) -> int:
+    """The largest of `candidates` whose training step fits in the device's memory."""
+    for b in sorted(set(int(c) for c in candidates), reverse=True):
+        fits = False
+        try:
+            step(inputs(b))
+            sync(device)
+            fits = True
+        except torch.OutOfMemoryError:
+            pass
+        print(f"  batch search: {b} {'fits' if fits else 'is out of memory'}", flush=True)
+        if fits:
+            return b
+        if device.type == "cuda":  # after the except block: its traceback held the tensors
+            torch.cuda.empty_cache()
+    raise RuntimeError(f"none of the batch sizes {sorted(candidates)} fits in memory")
 
 
 class Progress:
@@ -318,7 +353,8 @@ def main(argv=None) -> int:
     results = {}
     runners = {"data": lambda: bench_data(cfg, env, args.iters, args.warmup),
                "data-peer": lambda: bench_data_peer(cfg, env, args.iters, args.warmup, args.peer_workers),
-               "model": lambda: bench_model(cfg, env, args.iters, args.warmup),
+               "model": lambda: bench_model(cfg, env, args.iters, args.warmup,
+                                            tuple(int(b) for b in args.batch_search.split(",") if b)),
                "e2e": lambda: bench_e2e(cfg, env, args.iters, args.warmup)}
     for mode in args.modes:
         runtime.log(env, f"[{mode}] {cfg.model.arch}, batch {cfg.data.batch_size}, device {env.device}")

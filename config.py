@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,9 +195,11 @@ class TrainConfig:
     precision: str = "auto"
     # Save a checkpoint every this many optimizer steps (0: only at epoch ends).
     ckpt_every: int = 500
-    # Checkpoints kept in the run directory (oldest removed first).
+    # Checkpoints kept in the run directory (oldest removed first; 0 keeps all).
     keep_ckpts: int = 3
-    # Console/TensorBoard scalar logging period in optimizer steps.
+    # Console/TensorBoard scalar logging period in optimizer steps (0: at epoch ends). Values
+    # are summed on the GPU and read once per period, so a run of non-finite steps longer
+    # than train.max_nonfinite is noticed at the next log, up to this many steps late.
     log_every: int = 20
     # Evaluate every this many epochs (0: only at the end).
     eval_every: int = 5
@@ -277,15 +280,80 @@ def _apply_override(raw: dict, key: str, value):
     """Sets a dotted key in the raw YAML dict; `data.datasets.0.stride=2` indexes lists."""
     parts = key.split(".")
     node = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        if isinstance(node, list) and not isinstance(nxt, (dict, list)):
-            raise ConfigError(f"override '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
-        node = nxt
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{key}': '{where}' is not an entry of a list of "
+                                  f"{len(node)} (indices 0..{len(node) - 1})")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[:i])}' is a value, not a section")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+
+
+# Presets of models/mvit.py (checked against it by a test): known here without importing torch.
+ARCHS = ("mvitv2_b_32x3", "mvitv2_s_16x4", "mvitv2_tiny")
+
+# Allowed numeric ranges: key -> (low, high, low inclusive); None is unbounded.
+_RANGES = {
+    "data.batch_size": (1, None, True), "data.eval_batch_size": (1, None, True),
+    "data.num_threads": (1, None, True), "data.prefetch": (1, None, True),
+    "data.fallback_workers": (1, None, True), "data.decode_timeout": (0, None, False),
+    "data.crop_size": (0, None, True), "data.test_scale": (1, None, True),
+    "data.rand_aug_n": (0, None, True), "data.rand_aug_m": (0, 10, True),
+    "data.rand_aug_m_std": (0, None, True), "data.mixup_alpha": (0, None, True),
+    "data.cutmix_alpha": (0, None, True), "data.mixup_prob": (0, 1, True),
+    "data.mixup_switch_prob": (0, 1, True), "data.label_smoothing": (0, 1, True),
+    "model.num_frames": (0, None, True), "model.crop_size": (0, None, True),
+    "model.drop_path": (0, 1, True), "model.head_dropout": (0, 1, True),
+    "model.head_hidden": (1, None, True), "model.expander_hidden": (1, None, True),
+    "model.expander_dim": (1, None, True),
+    "loss.w_proj": (0, None, True), "loss.w_inf": (0, None, True),
+    "loss.var_weight": (0, None, True), "loss.cov_weight": (0, None, True),
+    "optim.lr": (0, None, False), "optim.warmup_start_lr": (0, None, True),
+    "optim.min_lr": (0, None, True), "optim.warmup_epochs": (0, None, True),
+    "optim.epochs": (1, None, True), "optim.weight_decay": (0, None, True),
+    "optim.eps": (0, None, False), "optim.clip_grad": (0, None, True),
+    "optim.global_batch": (1, None, True), "optim.proj_lr_scale": (0, None, False),
+    "train.ckpt_every": (0, None, True), "train.keep_ckpts": (0, None, True),
+    "train.log_every": (0, None, True), "train.eval_every": (0, None, True),
+    "train.max_steps": (0, None, True), "train.max_nonfinite": (0, None, True),
+    "train.vis_clips": (0, None, True),
+}
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_range(key: str, value, low, high, low_inclusive: bool) -> None:
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    if too_low or (high is not None and value > high):
+        bounds = (f"{'>=' if low_inclusive else '>'} {low}" if low is not None else "") + \
+            (f"{' and ' if low is not None else ''}<= {high}" if high is not None else "")
+        raise ConfigError(f"config key '{key}': {value!r} is out of range; expected {bounds}")
+
+
+def _check_numbers(key: str, values, kind, length: int | None = None) -> None:
+    """A list of `length` numbers (ints when kind is int)."""
+    ok = isinstance(values, list) and (length is None or len(values) == length) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and
+        (kind is float or isinstance(v, int)) for v in values)
+    if not ok:
+        what = f"{length} " if length else ""
+        raise ConfigError(f"config key '{key}': expected a list of {what}{kind.__name__}s, got {values!r}")
+
+
+def _missing_path(key: str, path: str, what: str) -> ConfigError:
+    where = "" if os.path.isabs(path) else f" (relative paths are taken from the working directory {os.getcwd()})"
+    return ConfigError(f"config key '{key}': {what} '{path}' does not exist{where}")
 
 
 def _validate(cfg: Config, check_paths: bool):
@@ -295,9 +363,15 @@ def _validate(cfg: Config, check_paths: bool):
         "optim.impl": (cfg.optim.impl, ("torch", "apex")),
         "train.precision": (cfg.train.precision, ("auto", "bf16", "fp16", "fp32")),
     }
+    choices["model.arch"] = (cfg.model.arch, ARCHS)
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {allowed}")
+    for key, bounds in _RANGES.items():
+        _check_range(key, _get(cfg, key), *bounds)
+    for key, kind, n in (("data.train_scale", int, 2), ("data.rrc_area", float, 2),
+                         ("data.mean", float, 3), ("data.std", float, 3), ("optim.betas", float, 2)):
+        _check_numbers(key, _get(cfg, key), kind, n)
     if not cfg.data.datasets:
         raise ConfigError("config key 'data.datasets': at least one dataset is required")
     seen = set()
@@ -310,28 +384,39 @@ def _validate(cfg: Config, check_paths: bool):
         seen.add(ds.name)
         if ds.sampling not in ("stride", "uniform"):
             raise ConfigError(f"config key '{where}.sampling': {ds.sampling!r} is not 'stride' or 'uniform'")
-        if len(ds.test_views) != 2 or min(ds.test_views) < 1:
+        _check_numbers(f"{where}.test_views", ds.test_views, int, 2)
+        if min(ds.test_views) < 1:
             raise ConfigError(f"config key '{where}.test_views': expected [temporal, spatial] >= 1, got {ds.test_views}")
-        if ds.weight < 0 or ds.stride < 1:
-            raise ConfigError(f"config key '{where}': weight must be >= 0 and stride >= 1")
+        for key, low in (("stride", 1), ("weight", 0), ("loss_weight", 0)):
+            _check_range(f"{where}.{key}", getattr(ds, key), low, None, True)
         if check_paths:
             for key in ("manifest", "val_manifest"):
                 path = getattr(ds, key)
-                if (key == "manifest" or path) and not (Path(path) / "manifest.jsonl").is_file():
-                    raise ConfigError(
-                        f"config key '{where}.{key}': no manifest.jsonl in '{path}'; build it with "
-                        f"`python -m dali_pipes.manifest ... --out {path or 'DIR'}` or fix the path")
-    if len(cfg.data.train_scale) != 2 or cfg.data.train_scale[0] > cfg.data.train_scale[1]:
+                if key == "manifest" or path:
+                    _check_manifest(f"{where}.{key}", ds.name, path)
+    if cfg.data.train_scale[0] > cfg.data.train_scale[1]:
         raise ConfigError(f"config key 'data.train_scale': expected [min, max], got {cfg.data.train_scale}")
-    if cfg.data.batch_size < 1 or cfg.optim.global_batch < 1:
-        raise ConfigError("config keys 'data.batch_size' and 'optim.global_batch' must be >= 1")
-    if cfg.optim.proj_lr_scale <= 0:
-        raise ConfigError(f"config key 'optim.proj_lr_scale': expected a multiplier > 0 "
-                          f"(1 = the paper), got {cfg.optim.proj_lr_scale}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas': expected two values in [0, 1), got {cfg.optim.betas}")
     if check_paths and cfg.data.relations and not Path(cfg.data.relations).is_file():
-        raise ConfigError(f"config key 'data.relations': file '{cfg.data.relations}' does not exist")
+        raise _missing_path("data.relations", cfg.data.relations, "file")
     if check_paths and cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        raise ConfigError(f"config key 'model.pretrained': checkpoint '{cfg.model.pretrained}' does not exist")
+        raise _missing_path("model.pretrained", cfg.model.pretrained, "checkpoint")
+
+
+def _check_manifest(key: str, name: str, path: str) -> None:
+    """The manifest folder exists and holds at least one sample."""
+    manifest = Path(path) / "manifest.jsonl"
+    if not manifest.is_file():
+        where = "" if os.path.isabs(path) else \
+            f" (relative paths are taken from the working directory {os.getcwd()})"
+        raise ConfigError(f"config key '{key}': dataset '{name}': no manifest.jsonl in '{path}'"
+                          f"{where}; build it with `python -m dali_pipes.manifest ... --out "
+                          f"{path or 'DIR'}` or fix the path")
+    with open(manifest, encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+            raise ConfigError(f"config key '{key}': dataset '{name}': {manifest} has no samples "
+                              "(every annotation row was quarantined: see quarantine.jsonl there)")
 
 
 def config_from_dict(raw: dict, overrides=(), check_paths: bool = True) -> Config:
@@ -375,3 +460,12 @@ def clip_frames(cfg: Config, model_frames: int) -> int:
 
 def crop_size(cfg: Config, model_crop: int) -> int:
     return cfg.data.crop_size or cfg.model.crop_size or model_crop
+
+
+def exit_on_config_error(fn, *args, **kwargs):
+    """fn(*args) or, on a ConfigError, one line on stderr and exit code 2 (not a traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)

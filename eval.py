@@ -10,17 +10,9 @@ true cross-dataset relations the learned projection heads rank first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 
-import torch
-import torch.distributed as dist
-
-import runtime
-from config import Config, ConfigError, config_from_dict, load_config
-from dali_pipes import build_eval_loader
-from models import projection_argmax, projection_pairs
+from config import ConfigError, exit_on_config_error, load_config
 
 
 def parse_args(argv=None):
@@ -31,6 +23,28 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="eval.json path; default: beside the checkpoint")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.datasets.0.test_views=[5,1]")
     return p.parse_args(argv)
+
+
+def _check_cli(args) -> None:
+    if not os.path.exists(args.ckpt):
+        raise ConfigError(f"--ckpt {args.ckpt}: no such checkpoint or run directory")
+    if args.cfg:
+        load_config(args.cfg, args.overrides)
+
+
+if __name__ == "__main__":  # a config mistake shows in a second, before torch and DALI load
+    exit_on_config_error(_check_cli, parse_args())
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import runtime  # noqa: E402
+from config import Config, config_from_dict  # noqa: E402
+from dali_pipes import build_eval_loader  # noqa: E402
+from models import projection_argmax, projection_pairs  # noqa: E402
 
 
 class EvaluationStopped(RuntimeError):

@@ -5,9 +5,11 @@ the same config and read each other's checkpoints.
 from __future__ import annotations
 
 import datetime
+import errno
 import glob
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from config import Config, ConfigError, clip_frames, crop_size
+from config import Config, ConfigError, clip_frames, crop_size, exit_on_config_error
 from models import MultiTrainModel, build_backbone, load_pyslowfast
 
 CKPT_PATTERN = "ckpt_{step:08d}.pt"
@@ -83,12 +85,22 @@ def teardown_env(env: Env) -> None:
 
 
 def run_cli(main) -> None:
-    """Entry-point wrapper: a config error is one clear line and exit code 2, not a traceback."""
+    """Entry-point wrapper: a config error is one clear line and exit code 2, a run that cannot
+    go on (a full disk, a fault of the machine) one line and exit code 1, not a traceback."""
+    from dali_pipes.faults import InfrastructureError
     try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_on_config_error(main))
+    except (RunError, InfrastructureError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def check_device_config(cfg: Config, device: torch.device) -> None:
+    """Settings this machine cannot honour, as config errors before any work starts."""
+    resolve_precision(cfg, device)
+    if cfg.data.decode_device == "gpu" and device.type != "cuda":
+        raise ConfigError("config key 'data.decode_device': 'gpu' needs a CUDA GPU, and none is "
+                          "usable here; use 'auto' or 'cpu'")
 
 
 def log(env: Env, *msg) -> None:
@@ -103,7 +115,8 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     p = cfg.train.precision
     if p != "auto":
         if p == "fp16" and device.type != "cuda":
-            raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+            raise ConfigError("config key 'train.precision': fp16 needs a CUDA GPU, and none is "
+                              "usable here; use auto, bf16 or fp32")
         return p
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -158,15 +171,44 @@ def init_from_pretrained(cfg: Config, model: MultiTrainModel, env: Env) -> None:
 
 # ---------------------------------------------------------------- checkpoints
 
+class RunError(RuntimeError):
+    """A run that cannot go on, for a reason its message states with the fix (no traceback)."""
+
+
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file then rename: a kill mid-write never leaves a broken `path`."""
+    """torch.save to a temporary file then rename: a kill mid-write never leaves a broken `path`.
+    A full disk removes the partial file and raises RunError saying what is full and how much
+    was needed; the previous checkpoints stay as they were."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(directory or ".").free
+        raise RunError(f"disk full writing {path}: about {state_bytes(obj) / 2**30:.2f} GiB needed, "
+                       f"{free / 2**30:.2f} GiB free on the disk of {os.path.abspath(directory or '.')}"
+                       f"; the last complete checkpoint is "
+                       f"{(list_checkpoints(directory) or ['none'])[-1]}. Free space (or lower "
+                       "train.keep_ckpts) and run the same command again") from exc
+
+
+def state_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (about the size of its checkpoint)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -179,21 +221,64 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str) -> int:
+    return int(_CKPT_RE.match(os.path.basename(path)).group(1))
+
+
 def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def latest_checkpoint(run_dir: str) -> tuple[str, dict] | tuple[None, None]:
-    """Newest checkpoint that loads; unreadable ones (a disk that filled up) are skipped loudly."""
+def latest_checkpoint(run_dir: str, set_aside: bool = False) -> tuple[str, dict] | tuple[None, None]:
+    """Newest checkpoint that loads; unreadable ones (a disk that filled up) are skipped loudly,
+    and with `set_aside` renamed to *.unreadable, so neither a later resume nor pruning (which
+    keeps the newest steps) mistakes them for this run's latest."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, with its reason
             print(f"warning: skipping unreadable checkpoint {path}: {e}", file=sys.stderr)
+            if set_aside:
+                os.replace(path, path + ".unreadable")
+                print(f"warning: renamed it to {path}.unreadable", file=sys.stderr)
     return None, None
 
 
+def set_aside_later(run_dir: str, step: int) -> list[str]:
+    """Resuming from an older checkpoint starts a new lineage from it: checkpoints of later
+    steps (the abandoned continuation) are renamed *.superseded, so pruning and the next
+    auto-resume only see this lineage."""
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if checkpoint_step(path) > step:
+            os.replace(path, path + ".superseded")
+            moved.append(path)
+    return moved
+
+
+def prepare_run_dir(run_dir: str, fresh: bool) -> list[str]:
+    """Readies the run folder; returns what it did, to be logged. Temporary files of a killed
+    or disk-full save are removed (they never count as checkpoints, but fill the disk). A fresh
+    start (--resume none) in a folder holding an earlier run moves that run aside as
+    <run_dir>.<time>, so its checkpoints are neither pruned nor resumed by mistake."""
+    notes = []
+    if fresh and os.path.isdir(run_dir) and (list_checkpoints(run_dir) or os.path.exists(
+            os.path.join(run_dir, "metrics.jsonl"))):
+        aside = f"{run_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(run_dir, aside)
+        notes.append(f"--resume none: the earlier run in {run_dir} was moved to {aside}")
+    os.makedirs(run_dir, exist_ok=True)
+    stale = glob.glob(os.path.join(run_dir, ".ckpt_*.tmp"))
+    for path in stale:
+        os.remove(path)
+    if stale:
+        notes.append(f"removed {len(stale)} partial checkpoint file(s) of an interrupted save")
+    return notes
+
+
 def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Keeps the `keep` newest checkpoints (0: all). Only this lineage's files are named
+    ckpt_*.pt: unreadable and superseded ones were renamed at resume."""
     for path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         os.remove(path)
 

@@ -8,32 +8,40 @@ Reads top to bottom: parse and validate the config, build data and model, resume
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import signal
-import time
-from contextlib import nullcontext
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-import runtime
-from config import Config, ConfigError, config_to_dict, load_config, save_config
-from dali_pipes import MixupCutmix, build_train_loader
-from eval import EvaluationStopped, evaluate, write_eval_summaries
-from models import MultiTrainLoss, projection_pairs
+from config import ConfigError, exit_on_config_error, load_config
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", required=True, help="YAML config (see configs/ and config.py)")
     p.add_argument("--resume", default="auto",
-                   help="'auto' (latest checkpoint in the run directory, if any), 'none', or a checkpoint path")
+                   help="'auto' (latest checkpoint in the run directory, if any), 'none' (a new "
+                        "run; an earlier run in train.output_dir is moved aside), or a checkpoint path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.batch_size=8")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # a config mistake shows in a second, before torch and DALI load
+    exit_on_config_error(lambda a: load_config(a.cfg, a.overrides), parse_args())
+
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import runtime  # noqa: E402
+from config import Config, config_to_dict, save_config  # noqa: E402
+from dali_pipes import MixupCutmix, build_train_loader  # noqa: E402
+from eval import EvaluationStopped, evaluate, write_eval_summaries  # noqa: E402
+from models import MultiTrainLoss, projection_pairs  # noqa: E402
 
 
 # ---------------------------------------------------------------- optimisation
@@ -164,13 +172,20 @@ def save_checkpoint(env, cfg, run_dir, state) -> str:
 
 
 def resume_state(args, run_dir: str):
+    """(path, state) to resume from, or (None, None); the lineage it continues is made the
+    only one in the run folder (runtime.latest_checkpoint, runtime.set_aside_later)."""
     if args.resume == "none":
         return None, None
     if args.resume == "auto":
-        return runtime.latest_checkpoint(run_dir)
-    if not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
-    return args.resume, runtime.load_checkpoint(args.resume)
+        path, state = runtime.latest_checkpoint(run_dir, set_aside=True)
+    elif not os.path.isfile(args.resume):
+        raise ConfigError(f"--resume {args.resume}: no such checkpoint")
+    else:
+        path, state = args.resume, runtime.load_checkpoint(args.resume)
+    if state is not None and os.path.dirname(os.path.abspath(path)) == os.path.abspath(run_dir):
+        for moved in runtime.set_aside_later(run_dir, state["step"]):
+            print(f"resuming from step {state['step']}: {moved} renamed *.superseded", flush=True)
+    return path, state
 
 
 def restore(state, model, optimizer, scaler, loader) -> None:
@@ -381,9 +396,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)  # every config error surfaces here, before any work
     env = runtime.setup_env()
+    runtime.check_device_config(cfg, env.device)
     accum = accumulation_steps(cfg, env.world_size)
     run_dir = cfg.train.output_dir
-    os.makedirs(run_dir, exist_ok=True)
+    if env.is_main:
+        for note in runtime.prepare_run_dir(run_dir, fresh=args.resume == "none"):
+            runtime.log(env, note)
+    if env.distributed:
+        dist.barrier(group=env.control_group)  # the folder is ready before any rank uses it
+    if env.device.type == "cuda" and env.is_main:  # driver, NVDEC, limits: say what will hurt
+        from dali_pipes.doctor import preflight
+        for line in preflight(cfg, env):
+            runtime.log(env, line)
 
     # ---- build
     num_frames, crop = runtime.input_geometry(cfg)
@@ -463,17 +487,18 @@ def main(argv=None) -> int:
             epoch_step = batches[-1].epoch_step // accum + 1  # optimizer steps done in this epoch
             batches = []
             step += 1
-            if step % cfg.train.log_every == 0 or step == total_steps:
+            end_of_epoch = epoch_step == steps_per_epoch
+            if every(step, cfg.train.log_every) or step == total_steps or (
+                    not cfg.train.log_every and end_of_epoch):
                 busy = time.perf_counter() - busy_t0
                 nonfinite = log_step(env, cfg, logger, loader, stats, step, epoch, total_steps,
                                      steps_at_start, run_t0, speed, optimizer,
                                      min(waited / max(busy, 1e-9), 1.0))
                 waited, busy_t0 = 0.0, time.perf_counter()
-            end_of_epoch = epoch_step == steps_per_epoch
             stopping = stop.agreed(env)
             eval_due = end_of_epoch and (step == total_steps or bool(
                 cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0))
-            if stopping or end_of_epoch or step == total_steps or step % cfg.train.ckpt_every == 0:
+            if stopping or end_of_epoch or step == total_steps or every(step, cfg.train.ckpt_every):
                 position = {"epoch": epoch + 1, "samples": 0, "quarantined": loader.num_quarantined} \
                     if end_of_epoch else loader.state_dict()
                 save_checkpoint(env, cfg, run_dir, checkpoint_state(
@@ -484,8 +509,9 @@ def main(argv=None) -> int:
             if end_of_epoch or step == total_steps:
                 break
         if stop.agreed(env):  # a signal while waiting for data: save where the steps stopped
-            save_checkpoint(env, cfg, run_dir, checkpoint_state(
-                cfg, model, optimizer, scaler, loader.state_dict(), step, nonfinite, meta))
+            save_checkpoint(env, cfg, run_dir, checkpoint_state(  # (unstepped batches replay)
+                cfg, model, optimizer, scaler, loader.state_dict(pending=len(batches)), step,
+                nonfinite, meta))
             return finish_stopped(env, logger, loader, step)
         epoch += 1
         if step == total_steps or (cfg.train.eval_every and epoch % cfg.train.eval_every == 0):
@@ -501,6 +527,11 @@ def main(argv=None) -> int:
         runtime.log(env, line)
     shutdown(env, logger, loader)
     return 0
+
+
+def every(step: int, period: int) -> bool:
+    """Step `step` is a multiple of `period`; a period of 0 means never."""
+    return period > 0 and step % period == 0
 
 
 def build_mixup(cfg: Config, num_classes: dict) -> MixupCutmix:

@@ -191,10 +191,11 @@ class TrainLoader:
         self._stream = LoaderStream(self.device)
 
     # ---------------------------------------------------------------------------- state ---
-    def state_dict(self) -> dict:
+    def state_dict(self, pending: int = 0) -> dict:
         """Position in global samples (all ranks): a resume with another world size continues
-        with exactly the unseen samples."""
-        return {"epoch": self._epoch, "samples": self._step * self.global_batch,
+        with exactly the unseen samples. `pending`: batches handed out but not trained on (an
+        unfinished accumulation), which a resume hands out again."""
+        return {"epoch": self._epoch, "samples": (self._step - pending) * self.global_batch,
                 "quarantined": self.num_quarantined}
 
     def load_state_dict(self, state: dict) -> None:

@@ -7,6 +7,18 @@ from helpers import entry, write_manifest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA is; elsewhere they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu); run tools/gpu_check.sh on one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_videos() -> Path:
     """The real awkward clips of ../shared/videos (never copied into the repo)."""

@@ -48,3 +48,65 @@ def make_cfg(tmp_path, datasets, **data):
     return config_from_dict(raw, check_paths=True)
 
 
+
+
+# ---------------------------------------------------------------- clips that carry their indices
+
+def grey_level(frame_index: int) -> int:
+    """Frame i of an indexed clip is grey 8 + 5i: a decoder returning another frame is off by 5."""
+    return 8 + 5 * frame_index
+
+
+def write_indexed_clip(path, codec: str, frames: int = 40, size: int = 64, clip_id: int = 0,
+                       fps: int = 25, pix_fmt: str = "yuv420p") -> str:
+    """A clip whose frame i is grey 8 + 5i with a block in the top-left corner whose red level
+    20 + 30 * clip_id names the clip."""
+    import av
+    import numpy as np
+
+    assert grey_level(frames - 1) <= 250 and 20 + 30 * clip_id <= 250
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = pix_fmt
+        stream.options = {"g": "8", "bf": "2"} if codec in ("libx264", "libx265", "h264", "hevc") else {}
+        if codec in ("libx264", "libx265"):
+            stream.options["crf"] = "10"
+        if codec == "libx265":
+            stream.options["x265-params"] = "log-level=error"
+        if codec in ("mpeg4", "mjpeg"):
+            stream.bit_rate = 4_000_000  # the default rate blurs neighbouring grey levels
+        for i in range(frames):
+            img = np.full((size, size, 3), grey_level(i), np.uint8)
+            img[: size // 4, : size // 4] = (20 + 30 * clip_id, 128, 128)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def to_pixels(video):
+    """(3, T, H, W) normalised clip of the loaders (Kinetics mean/std) -> (T, H, W, 3) uint8."""
+    import numpy as np
+
+    x = video.float().cpu().permute(1, 2, 3, 0).numpy() * 57.375 + 114.75
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def frame_indices_of(clip) -> "list[int]":
+    """Frame indices a decoded (T, H, W, 3) uint8 clip holds, read from its grey level outside
+    the corner block."""
+    import numpy as np
+
+    size = clip.shape[1]
+    grey = clip[:, size // 2:, size // 2:].reshape(len(clip), -1).mean(axis=1)
+    return [int(i) for i in np.rint((grey - 8) / 5)]
+
+
+def clip_id_of(frame) -> int:
+    import numpy as np
+
+    size = frame.shape[0]
+    return int(np.rint((frame[2: size // 4 - 2, 2: size // 4 - 2, 0].mean() - 20) / 30))

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def minimal(tmp_path):
     man = tmp_path / "man"
     man.mkdir(exist_ok=True)
-    (man / "manifest.jsonl").write_text("")
+    (man / "manifest.jsonl").write_text("{}\n")  # one (unused) sample: not empty
     return {"data": {"datasets": [{"name": "a", "manifest": str(man)}]}}
 
 
@@ -58,7 +58,7 @@ def test_bad_choice_and_duplicate_names(tmp_path):
 
 
 def test_projection_lr_scale_must_be_positive(tmp_path):
-    with pytest.raises(ConfigError, match=r"'optim.proj_lr_scale': expected a multiplier > 0.*got 0.0"):
+    with pytest.raises(ConfigError, match=r"'optim.proj_lr_scale': 0.0 is out of range; expected > 0"):
         config_from_dict(minimal(tmp_path), ["optim.proj_lr_scale=0.0"])
 
 
@@ -91,6 +91,43 @@ def test_multi_yaml_is_the_paper_recipe():
     assert (cfg.loss.w_proj, cfg.loss.w_inf) == (1.0, 0.1)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("data.datasets.0.test_views=[a,b]", r"test_views': expected a list of 2 ints, got \['a', 'b'\]"),
+    ("data.datasets.7.stride=2", r"'data.datasets.7' is not an entry of a list of 1"),
+    ("data.datasets.x.stride=2", r"'data.datasets.x' is not an entry of a list"),
+    ("optim.lr=-1", r"'optim.lr': -1.0 is out of range; expected > 0"),
+    ("model.arch=resnet50", r"'model.arch': 'resnet50' is not one of"),
+    ("data.mixup_alpha=-1", r"'data.mixup_alpha': -1.0 is out of range; expected >= 0"),
+    ("data.label_smoothing=1.5", r"'data.label_smoothing': 1.5 is out of range; expected >= 0 and <= 1"),
+    ("optim.betas=[0.9,1.5]", r"'optim.betas': expected two values in \[0, 1\)"),
+    ("data.train_scale=[320]", r"'data.train_scale': expected a list of 2 ints"),
+    ("train.log_every=-1", r"'train.log_every': -1 is out of range"),
+])
+def test_values_out_of_range_or_shape_are_config_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(minimal(tmp_path), [override])
+
+
+def test_empty_manifest_names_dataset_and_path(tmp_path):
+    raw = minimal(tmp_path)
+    (tmp_path / "man" / "manifest.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match=r"dataset 'a': .*man/manifest.jsonl has no samples"):
+        config_from_dict(raw)
+
+
+def test_relative_path_error_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = {"data": {"datasets": [{"name": "a", "manifest": "data/m"}]}}
+    with pytest.raises(ConfigError, match=rf"taken from the working directory {tmp_path}"):
+        config_from_dict(raw)
+
+
+def test_arch_names_match_the_model_presets():
+    from config import ARCHS
+    from models import PRESETS
+    assert set(ARCHS) == set(PRESETS)
+
+
 def test_train_cli_fails_fast_on_bad_config(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(minimal(tmp_path)))
@@ -99,3 +136,37 @@ def test_train_cli_fails_fast_on_bad_config(tmp_path):
     assert r.returncode == 2
     assert "optim.lrr" in r.stderr and "did you mean 'optim.lr'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("entry", ["train.py", "bench.py", "eval.py"])
+def test_config_errors_come_before_torch_is_imported(tmp_path, entry):
+    """A torch that cannot be imported: the config error must still be the one reported, and
+    no run folder appears (torch and DALI take several seconds to load)."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('torch was imported')\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(minimal(tmp_path)))
+    args = {"train.py": ["--cfg", cfg], "bench.py": ["--cfg", cfg],
+            "eval.py": ["--ckpt", tmp_path, "--cfg", cfg]}[entry]
+    r = subprocess.run([sys.executable, entry, *map(str, args), "optim.lr=-1",
+                        f"train.output_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={"PYTHONPATH": str(fake), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr
+    assert "config error: config key 'optim.lr'" in r.stderr and "torch was imported" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_settings_the_machine_lacks_fail_before_the_run_folder(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(minimal(tmp_path)))
+    for override, key in (("train.precision=fp16", "train.precision"),
+                          ("data.decode_device=gpu", "data.decode_device")):
+        r = subprocess.run([sys.executable, "train.py", "--cfg", str(cfg), override,
+                            f"train.output_dir={tmp_path / 'run'}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"config key '{key}'" in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "run").exists()

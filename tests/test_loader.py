@@ -115,7 +115,7 @@ def test_eval_loader_views_and_sharding(tmp_path, two_datasets):
     ev.close()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_loader_outputs_cuda(tmp_path, two_datasets):
     cfg = make_cfg(tmp_path, two_datasets, decode_device="auto")
     loader = build_train_loader(cfg, T, CROP, device=torch.device("cuda", 0))

@@ -300,7 +300,7 @@ def test_eval_crop_positions_follow_long_side():
     assert P.eval_crop_positions(200, 100, 1) == [(0.5, 0.5)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NVDEC + GPU augmentation)")
+@pytest.mark.gpu
 def test_gpu_train_graph_outputs_cuda_tensor():
     path = video("derived_juggle_vp9.webm")
     r = P.GraphRunner(P.GraphSpec(P.TRAIN, P.BYTES, "mixed", 32, MEAN, STD, True), 2, 2, 0)
@@ -345,7 +345,7 @@ def test_torch_peer_applies_the_same_randaugment(family):
     assert diff < 2.0 and effect > 3 * diff, (diff, effect)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (GPU augmentation)")
+@pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gpu_randaugment_family_matches_cpu(family):
     """The GPU graph computes some families differently (autocontrast as arithmetic, its

@@ -27,40 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def make_clips(out: Path, videos: int, frames: int, width: int, height: int) -> Path:
     """VP9 webm clips with moving texture (so the codec has real work) + their manifest."""
     from dali_pipes.probe import probe_video
-    from dali_pipes.synthetic import encode_webm
+    from dali_pipes.synthetic import encode_video, textured_scene
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for k in range(videos):
         path = out / f"clip{k:03d}_{width}x{height}.webm"
         if not path.is_file():
-            encode_webm(_scene(np.random.default_rng(k), frames, width, height), path, fps=25)
+            encode_video(textured_scene(np.random.default_rng(k), frames, width, height), path, fps=25)
         rows.append({"path": str(path), "label": k % 4, "class_name": f"c{k % 4}",
                      "start": None, "end": None, "probe": probe_video(path, timeout=None)})
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "classes.json").write_text(json.dumps([f"c{i}" for i in range(4)]))
-    return out
-
-
-def _scene(rng, frames: int, width: int, height: int) -> np.ndarray:
-    """(frames, H, W, 3) uint8: a smooth textured scene under a slow pan with two moving
-    squares and mild sensor noise, a bitrate like a Kinetics clip's (~100 kB/s)."""
-    yy, xx = np.mgrid[0:height + frames * 2, 0:width + frames * 3].astype(np.float32)
-    scene = np.zeros(yy.shape + (3,), np.float32)
-    for c in range(3):
-        for _ in range(4):
-            fy, fx, ph = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6.3)]
-            scene[..., c] += 30 * np.sin(fy * yy + fx * xx + ph)
-    scene += 128
-    out = np.empty((frames, height, width, 3), np.uint8)
-    boxes = rng.integers(10, 60, (2, 4))
-    for t in range(frames):
-        img = scene[2 * t: 2 * t + height, 3 * t: 3 * t + width].copy()
-        for k, (y, x, vy, vx) in enumerate(boxes):
-            y0, x0 = (y + vy * t // 8) % (height - 40), (x + vx * t // 8) % (width - 40)
-            img[y0:y0 + 40, x0:x0 + 40] = (220, 60, 40) if k else (40, 200, 90)
-        img += rng.normal(0, 2, img.shape)
-        out[t] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
 
