@@ -89,6 +89,8 @@ def evaluate_dataset(model, cfg: Config, env: runtime.Env, name: str, num_frames
                                world_size=env.world_size, device=env.device)
     precision = runtime.resolve_precision(cfg, env.device)
     seen, t0 = [0], time.perf_counter()
+    views = loader.temporal * loader.spatial
+    runtime.log(env, f"evaluating {name}: {len(loader.records)} videos x {views} views")
 
     def progress(n: int) -> None:
         seen[0] += n

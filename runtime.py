@@ -93,6 +93,9 @@ def run_cli(main) -> None:
     except (RunError, InfrastructureError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now
+        print("interrupted: exiting without saving", file=sys.stderr)
+        sys.exit(130)
 
 
 def check_device_config(cfg: Config, device: torch.device) -> None:

@@ -66,3 +66,13 @@ def garbage_vp9(shared_videos, tmp_path) -> Path:
     path = tmp_path / "garbage_vp9.webm"
     path.write_bytes(bytes(data))
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small copy of the demo data (2 training and 1 validation video per class), made once
+    for the whole suite; runs write under demo_root / "runs" / <their own name>."""
+    from dali_pipes.synthetic import prepare_demo
+    root = tmp_path_factory.mktemp("demo")
+    prepare_demo(root / "demo_data", videos_per_class=2, val_per_class=1, progress=False)
+    return root

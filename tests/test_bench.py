@@ -10,14 +10,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from dali_pipes.synthetic import prepare_demo
-    root = tmp_path_factory.mktemp("bench")
-    prepare_demo(root / "demo_data", videos_per_class=2, val_per_class=1, progress=False)
-    return root
-
-
 def test_bench_all_modes_write_json_and_chart(demo_root):
     out = demo_root / "out"
     cmd = [sys.executable, str(ROOT / "bench.py"), "--cfg", str(ROOT / "configs" / "demo.yaml"),

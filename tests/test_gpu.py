@@ -69,14 +69,12 @@ def test_handover_survives_allocator_pressure(long_clips):
     loader.close()
 
 
-def _train(tmp_path, *overrides):
-    from dali_pipes.synthetic import prepare_demo
-    prepare_demo(tmp_path / "demo_data", videos_per_class=2, val_per_class=1, progress=False)
+def _train(tmp_path, demo_root, *overrides):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--cfg", str(ROOT / "configs" / "demo.yaml"),
            f"train.output_dir={run_dir}", "train.max_steps=6", "train.log_every=2",
            "data.decode_device=auto", *overrides]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    r = subprocess.run(cmd, cwd=demo_root, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -85,19 +83,17 @@ def _train(tmp_path, *overrides):
 
 @pytest.mark.parametrize("extra", [[], ["model.compile=true"], ["model.act_checkpoint=true"]],
                          ids=["bf16", "bf16-compile", "bf16-act-checkpoint"])
-def test_bf16_training_steps(tmp_path, extra):
-    r, rows = _train(tmp_path, "train.precision=bf16", *extra)
+def test_bf16_training_steps(tmp_path, demo_root, extra):
+    r, rows = _train(tmp_path, demo_root, "train.precision=bf16", *extra)
     assert "bf16" in r.stdout
     assert [row["step"] for row in rows] == [2, 4, 6]
     assert all(np.isfinite(row["loss/total"]) and row["steps_skipped"] == 0 for row in rows)
     assert rows[-1]["perf/gpu_mem_reserved_gb"] >= rows[-1]["perf/gpu_mem_allocated_gb"] > 0
 
 
-def test_doctor_on_this_gpu(tmp_path):
-    from dali_pipes.synthetic import prepare_demo
-    prepare_demo(tmp_path / "demo_data", videos_per_class=1, val_per_class=1, progress=False)
+def test_doctor_on_this_gpu(demo_root):
     r = subprocess.run([sys.executable, "-m", "dali_pipes.doctor", "--cfg",
-                        str(ROOT / "configs" / "demo.yaml"), "--json"], cwd=tmp_path,
+                        str(ROOT / "configs" / "demo.yaml"), "--json"], cwd=demo_root,
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     report = json.loads(r.stdout)

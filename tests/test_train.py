@@ -20,15 +20,6 @@ FAST = ["data.num_threads=1", "data.fallback_workers=1", "train.log_every=1", "o
 NO_VAL = [f"data.datasets.{i}.val_manifest=" for i in range(4)]
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """A small copy of the demo data: 2 training and 1 validation video per class."""
-    from dali_pipes.synthetic import prepare_demo
-    root = tmp_path_factory.mktemp("demo")
-    prepare_demo(root / "demo_data", videos_per_class=2, val_per_class=1, progress=False)
-    return root
-
-
 def run(cmd, cwd, timeout=600, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
