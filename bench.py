@@ -276,7 +276,7 @@ def bench_e2e(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     import numpy as np
 
     from dali_pipes import build_train_loader
-    from train import build_mixup, build_optimizer, train_step
+    from train import build_batch_augment, build_optimizer, train_step
     frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
@@ -287,7 +287,7 @@ def bench_e2e(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     optimizer = build_optimizer(cfg, model, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     loss_fn = MultiTrainLoss(loader.names, w_proj=cfg.loss.w_proj, w_inf=cfg.loss.w_inf)
-    mixup = build_mixup(cfg, loader.num_classes)
+    mixup = build_batch_augment(cfg, loader.num_classes)
     run = TimedRun("e2e", env.device, warmup, iters, cfg.data.batch_size)
     for k, batch in enumerate(run.batches(loader)):
         train_step(train_model, None, loss_fn, [batch], mixup, optimizer, scaler, cfg, precision,

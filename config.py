@@ -35,10 +35,17 @@ class DatasetConfig:
     # (Kinetics, MiT, ActivityNet); "uniform": num_frames segments over the whole video, one
     # frame per segment (SSv2, SPEC section 4).
     sampling: str = "stride"
-    # Temporal stride between sampled frames for "stride" sampling (32x3 in the paper).
+    # Temporal stride between sampled frames for "stride" sampling (32x3 in the paper),
+    # measured at data.target_fps.
     stride: int = 3
     # Random horizontal flip during training; off for datasets where left/right is the label (SSv2).
     flip: bool = True
+    # Training spatial augmentation of this dataset: "scale" or "rrc" (see data.train_aug);
+    # empty: data.train_aug. The MViTv2 recipe: "rrc" for Kinetics, "scale" for SSv2.
+    train_aug: str = ""
+    # "scale" draws the short side inverse-uniformly, round(1 / U(1/max, 1/min)), as
+    # PySlowFast's DATA.INV_UNIFORM_SAMPLE (on for SSv2 in the MViTv2 recipe); false: uniform.
+    inverse_scale: bool = False
     # Relative sampling weight in the mixed batches; 0 means proportional to dataset size (the
     # authors' choice: a shuffled concatenation).
     weight: float = 0.0
@@ -71,8 +78,14 @@ class DataConfig:
     # Leave out files whose probe saw decode errors (FFmpeg concealed a corrupt stretch: the
     # manifest builder keeps them only with --keep-decode-errors); false trains on them.
     skip_decode_errors: bool = True
-    # Training spatial augmentation: "scale" = short side to a random size in train_scale then a
-    # random crop (the paper); "rrc" = random-resized-crop.
+    # Frame rate at which "stride" sampling measures the stride (PySlowFast's DATA.TARGET_FPS,
+    # 30): a clip spans stride x frames x fps / target_fps source frames, frames spaced
+    # linearly inside, so 25 and 30 fps videos give clips of the same duration. 0 takes every
+    # stride-th source frame whatever the video's fps.
+    target_fps: float = 30.0
+    # Training spatial augmentation of every dataset without its own: "scale" = short side to
+    # a random size in train_scale then a random crop (the seed); "rrc" = random-resized-crop
+    # of area rrc_area and aspect [3/4, 4/3] (the MViTv2 Kinetics recipe, the authors' code).
     train_aug: str = "scale"
     # Range [min, max] of the random short side before the training crop.
     train_scale: list = field(default_factory=lambda: [256, 320])
@@ -88,6 +101,10 @@ class DataConfig:
     rand_aug_m: float = 7.0
     # Standard deviation of the per-clip magnitude noise (authors: 0.5).
     rand_aug_m_std: float = 0.5
+    # Random erasing per clip (PySlowFast/timm, the MViTv2 recipe's AUG.RE_PROB 0.25, "pixel"
+    # mode, one box): probability that a clip gets one box, the same on all its frames, of
+    # 2-33% of the frame filled with N(0, 1) noise; 0 disables it. Runs on the training device.
+    random_erase_prob: float = 0.25
     # Mixup Beta(alpha, alpha); 0 disables mixup.
     mixup_alpha: float = 0.8
     # CutMix Beta(alpha, alpha); 0 disables CutMix.
@@ -304,8 +321,10 @@ _RANGES = {
     "data.num_threads": (1, None, True), "data.prefetch": (1, None, True),
     "data.fallback_workers": (1, None, True), "data.decode_timeout": (0, None, False),
     "data.crop_size": (0, None, True), "data.test_scale": (1, None, True),
+    "data.target_fps": (0, None, True),
     "data.rand_aug_n": (0, None, True), "data.rand_aug_m": (0, 10, True),
     "data.rand_aug_m_std": (0, None, True), "data.mixup_alpha": (0, None, True),
+    "data.random_erase_prob": (0, 1, True),
     "data.cutmix_alpha": (0, None, True), "data.mixup_prob": (0, 1, True),
     "data.mixup_switch_prob": (0, 1, True), "data.label_smoothing": (0, 1, True),
     "model.num_frames": (0, None, True), "model.crop_size": (0, None, True),
@@ -382,6 +401,8 @@ def _validate(cfg: Config, check_paths: bool):
         if ds.name in seen:
             raise ConfigError(f"config key '{where}.name': dataset name '{ds.name}' is used twice")
         seen.add(ds.name)
+        if ds.train_aug not in ("", "scale", "rrc"):
+            raise ConfigError(f"config key '{where}.train_aug': {ds.train_aug!r} is not '', 'scale' or 'rrc'")
         if ds.sampling not in ("stride", "uniform"):
             raise ConfigError(f"config key '{where}.sampling': {ds.sampling!r} is not 'stride' or 'uniform'")
         _check_numbers(f"{where}.test_views", ds.test_views, int, 2)

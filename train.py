@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 import runtime  # noqa: E402
 from config import Config, config_to_dict, save_config  # noqa: E402
 from dali_pipes import MixupCutmix, build_train_loader  # noqa: E402
+from dali_pipes.erasing import BatchAugment, RandomErasing  # noqa: E402
 from eval import EvaluationStopped, evaluate, write_eval_summaries  # noqa: E402
 from models import MultiTrainLoss, projection_pairs  # noqa: E402
 
@@ -351,7 +352,7 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     return any(g.get("fused") for g in optimizer.param_groups)
 
 
-def train_step(model, ddp, loss_fn, batches, mixup, optimizer, scaler, cfg, precision, rng):
+def train_step(model, ddp, loss_fn, batches, augment, optimizer, scaler, cfg, precision, rng):
     """One optimizer step over `len(batches)` accumulated micro-batches.
 
     Returns (values, finite): the logged values as device tensors and a () bool tensor. Nothing
@@ -364,7 +365,7 @@ def train_step(model, ddp, loss_fn, batches, mixup, optimizer, scaler, cfg, prec
     optimizer.zero_grad(set_to_none=True)
     values: dict = {}
     for i, batch in enumerate(batches):
-        video, targets, masks = mixup(batch.video, batch.dataset_ids, batch.labels, rng)
+        video, targets, masks = augment(batch.video, batch.dataset_ids, batch.labels, rng)
         last = i == len(batches) - 1
         with ddp.no_sync() if ddp is not None and not last else nullcontext():
             with runtime.autocast(precision, video.device):
@@ -421,7 +422,7 @@ def main(argv=None) -> int:
     loss_fn = MultiTrainLoss(loader.names, lambdas={d.name: d.loss_weight for d in cfg.data.datasets},
                              w_proj=cfg.loss.w_proj, w_inf=cfg.loss.w_inf,
                              var_weight=cfg.loss.var_weight, cov_weight=cfg.loss.cov_weight)
-    mixup = build_mixup(cfg, loader.num_classes)
+    augment = build_batch_augment(cfg, loader.num_classes)
     optimizer = build_optimizer(cfg, model, env.device)
     precision = runtime.resolve_precision(cfg, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
@@ -479,8 +480,8 @@ def main(argv=None) -> int:
             if len(batches) < accum:
                 continue
             set_lr(optimizer, lr_at(cfg, step, steps_per_epoch, total_steps))
-            rng = np.random.default_rng([cfg.train.seed, step])  # mixup draws reproduce on resume
-            values, finite = train_step(train_model, ddp, loss_fn, batches, mixup, optimizer,
+            rng = np.random.default_rng([cfg.train.seed, step])  # erasing/mixup reproduce on resume
+            values, finite = train_step(train_model, ddp, loss_fn, batches, augment, optimizer,
                                         scaler, cfg, precision, rng)
             stats.add(values, finite)
             speed.add(sum(b.video.shape[0] for b in batches) * env.world_size)
@@ -534,10 +535,12 @@ def every(step: int, period: int) -> bool:
     return period > 0 and step % period == 0
 
 
-def build_mixup(cfg: Config, num_classes: dict) -> MixupCutmix:
+def build_batch_augment(cfg: Config, num_classes: dict) -> BatchAugment:
+    """Random erasing then Mixup/CutMix, on the training device (dali_pipes/erasing.py)."""
     d = cfg.data
-    return MixupCutmix(num_classes, d.mixup_alpha, d.cutmix_alpha, d.mixup_prob,
-                       d.mixup_switch_prob, d.label_smoothing, cross_dataset=d.mixup_cross_dataset)
+    mixup = MixupCutmix(num_classes, d.mixup_alpha, d.cutmix_alpha, d.mixup_prob,
+                        d.mixup_switch_prob, d.label_smoothing, cross_dataset=d.mixup_cross_dataset)
+    return BatchAugment(mixup, RandomErasing(d.random_erase_prob) if d.random_erase_prob else None)
 
 
 def timed(iterable):

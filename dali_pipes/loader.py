@@ -250,12 +250,13 @@ class TrainLoader:
         if ds.sampling == "uniform":
             idx = uniform_indices(n, self.num_frames, rng, start, end)
         else:
-            idx = clip_indices(n, self.num_frames, ds.stride, rng, start, end)
+            idx = clip_indices(n, self.num_frames, ds.stride, rng, start, end,
+                               float(probe.get("fps") or 0.0), self.cfg.data.target_fps)
         h, w = display_size(probe)
         d = self.cfg.data
-        params = P.draw_train_params(rng, h, w, self.crop_size, d.train_aug, d.train_scale,
-                                     d.rrc_area, ds.flip, d.rand_aug_n, d.rand_aug_m,
-                                     d.rand_aug_m_std)
+        params = P.draw_train_params(rng, h, w, self.crop_size, ds.train_aug or d.train_aug,
+                                     d.train_scale, d.rrc_area, ds.flip, d.rand_aug_n,
+                                     d.rand_aug_m, d.rand_aug_m_std, ds.inverse_scale)
         return Item(dataset, video, sample_id, rec, idx, params, attempt)
 
     def _candidate(self, epoch: int, dataset: int, sample_id: int, attempt: int) -> int:
@@ -463,7 +464,8 @@ class EvalLoader:
         n = int(rec["probe"]["num_frames"])
         start, end = frame_bounds(rec)
         clips = test_clip_indices(n, self.num_frames, self.ds.stride, self.temporal,
-                                  self.ds.sampling, start, end)  # (t, T)
+                                  self.ds.sampling, start, end, float(rec["probe"].get("fps") or 0.0),
+                                  self.cfg.data.target_fps)  # (t, T)
         h, w = display_size(rec["probe"])
         # One decode of the union of the views: the t clips in sequence, split afterwards.
         return Item(0, video, video, rec, clips.reshape(-1).astype(np.int32),

@@ -11,6 +11,7 @@ clip is a pure function of (seed, epoch, sample id) and resumed runs replay exac
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -60,23 +61,20 @@ def dedup_indices(indices) -> tuple[np.ndarray, np.ndarray]:
 def draw_train_params(rng: np.random.Generator, height: int, width: int, crop: int,
                       train_aug: str, scale: Sequence[int], rrc_area: Sequence[float],
                       flip: bool, rand_aug_n: int, rand_aug_m: float,
-                      rand_aug_m_std: float) -> dict:
-    """Random spatial parameters of one training clip whose frames are height x width.
+                      rand_aug_m_std: float, inverse_scale: bool = False) -> dict:
+    """Random spatial parameters of one training clip whose frames are height x width, drawn
+    as PySlowFast's spatial_sampling draws them (see _scale_crop and _rrc_box).
 
     The crop window is returned relative to the source frame ("roi_start"/"roi_end", (y, x)),
-    so the graph resizes only the window to crop x crop: same pixels as resizing the whole
-    frame to the drawn short side and cropping, at a fraction of the work (SPEC section 6).
+    so the graph resizes only the window to crop x crop: the same sampling positions as
+    resizing the whole frame and cropping, at a fraction of the work (SPEC section 6).
     """
     if train_aug == "rrc":
         y0, x0, h, w = _rrc_box(rng, height, width, rrc_area)
         start = (y0 / height, x0 / width)
         end = ((y0 + h) / height, (x0 + w) / width)
     else:
-        short = max(int(rng.integers(int(scale[0]), int(scale[1]) + 1)), crop)
-        rh, rw = height * short / min(height, width), width * short / min(height, width)
-        oy, ox = rng.random() * (rh - crop), rng.random() * (rw - crop)
-        start = (oy / rh, ox / rw)
-        end = ((oy + crop) / rh, (ox + crop) / rw)
+        start, end = _scale_crop(rng, height, width, crop, scale, inverse_scale)
     mirror = bool(flip) and rng.random() < 0.5
     p = {"roi_start": np.asarray(start, np.float32), "roi_end": np.asarray(end, np.float32),
          "mirror": np.array(int(mirror), np.int32)}
@@ -85,18 +83,44 @@ def draw_train_params(rng: np.random.Generator, height: int, width: int, crop: i
     return p
 
 
-def _rrc_box(rng, height: int, width: int, area_range) -> tuple:
-    """Inception-style random-resized-crop box (y, x, h, w); centre square after 10 misses."""
+def _scale_crop(rng, height: int, width: int, crop: int, scale, inverse: bool) -> tuple:
+    """PySlowFast's random_short_side_scale_jitter + random_crop: the short side to
+    round(U(min, max)) (inverse-uniform, round(1 / U(1/max, 1/min)), for SSv2), the long side
+    floor(long / short * size), then an integer crop offset from numpy's randint, whose upper
+    end is exclusive (the last offset is never drawn, as in the reference). A size below the
+    crop is raised to it (the reference would crop less than `crop`). -> (start, end) rel."""
+    lo, hi = float(scale[0]), float(scale[1])
+    size = round(1.0 / rng.uniform(1.0 / hi, 1.0 / lo)) if inverse else round(rng.uniform(lo, hi))
+    size = max(int(size), crop)
+    if width <= height:
+        rw, rh = size, int(math.floor(height / width * size))
+    else:
+        rh, rw = size, int(math.floor(width / height * size))
+    oy = int(rng.integers(0, rh - crop)) if rh > crop else 0
+    ox = int(rng.integers(0, rw - crop)) if rw > crop else 0
+    return (oy / rh, ox / rw), ((oy + crop) / rh, (ox + crop) / rw)
+
+
+def _rrc_box(rng, height: int, width: int, area_range, ratio=(3 / 4, 4 / 3)) -> tuple:
+    """PySlowFast's _get_param_spatial_crop (torchvision's RandomResizedCrop): 10 tries of a
+    box of area U(area_range) x frame and log-uniform aspect; else the central crop of the
+    frame clamped to the aspect range. -> (y, x, h, w)."""
     area = height * width
     for _ in range(10):
         target = area * rng.uniform(*area_range)
-        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        w = int(round(np.sqrt(target * ratio)))
-        h = int(round(np.sqrt(target / ratio)))
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def eval_crop_positions(height: int, width: int, num_spatial: int) -> list[tuple[float, float]]:

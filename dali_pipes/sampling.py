@@ -5,6 +5,7 @@ resumed from a checkpoint sees exactly the clips and the order of the uninterrup
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 import numpy as np
@@ -20,16 +21,48 @@ def _clamp(idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.clip(idx, lo, max(lo, hi - 1)).astype(np.int32)
 
 
-def clip_indices(num_frames_video: int, T: int, stride: int, rng: Optional[np.random.Generator],
-                 start_frame: int = 0, end_frame: Optional[int] = None) -> np.ndarray:
-    """T frame indices `stride` apart from a random start inside [start_frame, end_frame).
-
-    rng None takes the centred clip. Segments (ActivityNet) pass their frame bounds; videos or
-    segments shorter than T*stride get their last frame repeated. Returns int32 (T,).
-    """
-    end = num_frames_video if end_frame is None else min(int(end_frame), num_frames_video)
+def _bounds(n: int, start_frame: int, end_frame: Optional[int]) -> tuple[int, int]:
+    """[start, end) of the frames a sample may use: the video, or an ActivityNet segment."""
+    end = n if end_frame is None else min(int(end_frame), n)
     start = max(0, min(int(start_frame), end - 1))
-    end = max(end, start + 1)
+    return start, max(end, start + 1)
+
+
+def clip_size(T: int, stride: int, fps: float, target_fps: float) -> float:
+    """Source frames a clip spans: PySlowFast measures the stride at target_fps (30), so a
+    25 fps video spans fewer frames than a 30 fps one for the same time; target_fps 0 counts
+    source frames (every stride-th frame)."""
+    if target_fps > 0 and fps > 0:
+        return max(1.0, stride * T / target_fps * fps)
+    return float((T - 1) * stride + 1)
+
+
+def _linspace_clip(first: float, size: float, T: int, start: int, end: int) -> np.ndarray:
+    """T indices spaced linearly over [first, first + size - 1] (frames relative to `start`),
+    clamped to the span and truncated, exactly as PySlowFast's temporal_sampling (torch
+    linspace in float32, clamp, .long())."""
+    import torch
+    idx = torch.linspace(first, first + size - 1, T).clamp(0, end - start - 1).long().numpy()
+    return (idx + start).astype(np.int32)
+
+
+def clip_indices(num_frames_video: int, T: int, stride: int, rng: Optional[np.random.Generator],
+                 start_frame: int = 0, end_frame: Optional[int] = None, fps: float = 0.0,
+                 target_fps: float = 0.0) -> np.ndarray:
+    """T frame indices of a training clip from a random start inside [start_frame, end_frame).
+
+    With target_fps > 0 (the reference, PySlowFast's decoder) the clip spans
+    stride * T * fps / target_fps source frames, starts at a uniform random (real) offset and
+    takes T linearly spaced frames in it. target_fps 0: `stride` source frames apart from a
+    random integer start. rng None takes the centred clip. Segments (ActivityNet) pass their
+    frame bounds; clips longer than the video repeat its last frame. Returns int32 (T,).
+    """
+    start, end = _bounds(num_frames_video, start_frame, end_frame)
+    if target_fps > 0 and fps > 0:
+        size = clip_size(T, stride, fps, target_fps)
+        room = max(end - start - size, 0.0)
+        first = float(rng.uniform(0, room)) if rng is not None else room / 2
+        return _linspace_clip(first, size, T, start, end)
     span = (T - 1) * stride + 1
     room = end - start - span  # last valid offset of the clip start
     if room <= 0:
@@ -50,36 +83,42 @@ def uniform_indices(n: int, T: int, rng: Optional[np.random.Generator],
 def uniform_view_indices(n: int, T: int, rng: Optional[np.random.Generator], view: int,
                          num_views: int, start_frame: int = 0,
                          end_frame: Optional[int] = None) -> np.ndarray:
-    """Uniform sampling where test view `view` of `num_views` takes frames at offset
-    (view + 0.5) / num_views inside each segment (one view: the middle frame)."""
-    end = n if end_frame is None else min(int(end_frame), n)
-    start = max(0, min(int(start_frame), end - 1))
-    length = max(1, end - start)
-    seg = length / T
-    lo = start + seg * np.arange(T)  # (T,) segment starts, fractional
+    """PySlowFast's SSv2 sampling (ssv2.py get_seq_frames): segment i spans frames
+    round(s*i)..round(s*(i+1)) with s = (length - 1) / T; training takes a random frame of it
+    (both ends included), testing the middle one, (lo + hi) // 2. Test view `view` of
+    `num_views` takes the frame at (view + 0.5) / num_views of each segment (one view: the
+    middle)."""
+    start, end = _bounds(n, start_frame, end_frame)
+    seg = (end - start - 1) / T
+    lo = np.round(seg * np.arange(T)).astype(np.int64)  # np.round halves to even, as the reference
+    hi = np.round(seg * np.arange(1, T + 1)).astype(np.int64)
     if rng is not None:
-        pos = lo + rng.random(T) * seg
+        pos = lo + rng.integers(0, hi - lo + 1)
     else:
-        pos = lo + seg * (view + 0.5) / num_views
-    return _clamp(np.floor(pos).astype(np.int64), start, start + length)
+        pos = lo + (hi - lo) * (2 * view + 1) // (2 * num_views)
+    return _clamp(start + pos, start, end)
 
 
 def test_clip_indices(n: int, T: int, stride: int, num_clips: int, sampling: str = "stride",
-                      start_frame: int = 0, end_frame: Optional[int] = None) -> np.ndarray:
-    """(num_clips, T) indices of the test clips: evenly spread, the first at the start and the
-    last at the end ("stride"), or shifted uniform samplings ("uniform")."""
+                      start_frame: int = 0, end_frame: Optional[int] = None, fps: float = 0.0,
+                      target_fps: float = 0.0) -> np.ndarray:
+    """(num_clips, T) indices of the test clips. "stride": PySlowFast's offset sampling
+    (DATA.USE_OFFSET_SAMPLING, on in the MViTv2 recipe): clip k starts at
+    k * floor(room / (num_clips - 1)), a single clip at floor(room / 2); "uniform": shifted
+    uniform samplings."""
     if sampling == "uniform":
         return np.stack([uniform_view_indices(n, T, None, k, num_clips, start_frame, end_frame)
                          for k in range(num_clips)])
-    end = n if end_frame is None else min(int(end_frame), n)
-    start = max(0, min(int(start_frame), end - 1))
-    span = (T - 1) * stride + 1
-    room = max(0, end - start - span)
+    start, end = _bounds(n, start_frame, end_frame)
+    size = clip_size(T, stride, fps, target_fps)
+    room = max(end - start - size, 0.0)
     if num_clips == 1:
-        firsts = [start + room // 2]
+        firsts = [math.floor(room / 2)]
     else:
-        firsts = np.linspace(start, start + room, num_clips).round().astype(int)
-    return np.stack([_clamp(f + stride * np.arange(T), start, max(end, start + 1)) for f in firsts])
+        firsts = [k * math.floor(room / (num_clips - 1)) for k in range(num_clips)]
+    if target_fps > 0 and fps > 0:
+        return np.stack([_linspace_clip(f, size, T, start, end) for f in firsts])
+    return np.stack([_clamp(start + f + stride * np.arange(T), start, end) for f in firsts])
 
 
 test_clip_indices.__test__ = False  # not a pytest test despite its name

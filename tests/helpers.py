@@ -110,3 +110,21 @@ def clip_id_of(frame) -> int:
 
     size = frame.shape[0]
     return int(np.rint((frame[2: size // 4 - 2, 2: size // 4 - 2, 0].mean() - 20) / 30))
+
+
+def timm_data_module(name: str):
+    """timm/data/<name>.py of the installed timm, loaded on its own: the package's __init__
+    imports torchvision, whose registry wheels do not load beside the CPU torch. Skips the
+    test when timm is absent (requirements.txt installs it for the tests)."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("timm is not installed (pip install -r requirements.txt)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / f"{name}.py"
+    module_spec = importlib.util.spec_from_file_location(f"timm_data_{name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

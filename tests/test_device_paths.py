@@ -20,7 +20,7 @@ META = torch.device("meta")
 
 def test_training_step_on_a_stand_in_device(tmp_path, two_datasets):
     """loader batch -> mixup -> model -> loss -> backward -> clip -> optimizer, all on meta."""
-    from train import build_mixup, build_optimizer, train_step
+    from train import build_batch_augment, build_optimizer, train_step
     cfg = make_cfg(tmp_path, two_datasets, mixup_prob=1.0, cutmix_alpha=0.0)
     cfg.model.arch, cfg.model.head_hidden, cfg.model.expander_hidden = "mvitv2_tiny", 16, 16
     cfg.model.expander_dim, cfg.model.num_frames, cfg.model.crop_size = 8, T, CROP
@@ -33,7 +33,7 @@ def test_training_step_on_a_stand_in_device(tmp_path, two_datasets):
     optimizer = build_optimizer(cfg, model, META)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss_fn = MultiTrainLoss(loader.names)
-    values, finite = train_step(model, None, loss_fn, [batch, batch], build_mixup(cfg, loader.num_classes),
+    values, finite = train_step(model, None, loss_fn, [batch, batch], build_batch_augment(cfg, loader.num_classes),
                                 optimizer, scaler, cfg, "fp32", np.random.default_rng(0))
     assert values["total"].device == META and finite.device == META
     assert {v.device for v in values.values()} == {META}
@@ -84,7 +84,7 @@ def _ddp_worker(rank, port, out_dir):
     gradient all-reduces; the model has no expander (w_inf=0)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from train import build_mixup, build_optimizer, train_step
+    from train import build_batch_augment, build_optimizer, train_step
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     cfg = load_config(os.path.join(os.path.dirname(runtime.__file__), "configs", "demo.yaml"),
@@ -116,7 +116,7 @@ def _ddp_worker(rank, port, out_dir):
 
         def step(micro_batches, k):
             train_step(train_model, ddp, MultiTrainLoss(list(classes), w_inf=0.0), micro_batches,
-                       build_mixup(cfg, classes), optimizer, scaler, cfg, "fp32",
+                       build_batch_augment(cfg, classes), optimizer, scaler, cfg, "fp32",
                        np.random.default_rng(k))
 
         step([B], 0)  # DDP rebuilds its gradient buckets after the first iteration

@@ -70,7 +70,7 @@ def test_eval_views_hold_their_clips_frames(indexed, device):
     for batch in loader:
         for video, v in zip(batch.video, batch.video_ids.tolist()):  # (V, 3, T, H, W)
             n = CLIPS[v][3]
-            want = test_clip_indices(n, T, STRIDE, 2)  # (2, T): the two temporal views
+            want = test_clip_indices(n, T, STRIDE, 2, fps=25, target_fps=30)  # (2, T): 2 views
             for view in range(2):
                 frames = to_pixels(video[view])
                 assert frame_indices_of(frames) == want[view].tolist(), (CLIPS[v][0], view)

@@ -37,15 +37,62 @@ def test_segment_bounds_respected():
     assert t.min() == 100 and t.max() == 199
 
 
-def test_uniform_train_and_test():
-    n, T = 80, 8
-    for s in range(20):
-        idx = uniform_indices(n, T, np.random.default_rng(s))
-        assert np.all(idx // 10 == np.arange(T))  # one frame in each 10-frame segment
-    assert uniform_indices(n, T, None).tolist() == [5, 15, 25, 35, 45, 55, 65, 75]
+def reference_ssv2(length, T, train, rng=None):
+    """PySlowFast ssv2.py get_seq_frames, transcribed (random.randint is inclusive)."""
+    seg = float(length - 1) / T
+    seq = []
+    for i in range(T):
+        start, end = int(np.round(seg * i)), int(np.round(seg * (i + 1)))
+        seq.append(int(rng.integers(start, end + 1)) if train else (start + end) // 2)
+    return seq
+
+
+@pytest.mark.parametrize("n", [80, 7, 33, 300])
+def test_uniform_sampling_is_pyslowfasts_ssv2(n):
+    T = 8
+    assert uniform_indices(n, T, None).tolist() == reference_ssv2(n, T, False)
+    for s in range(20):  # the same draws as the reference from the same generator
+        assert uniform_indices(n, T, np.random.default_rng(s)).tolist() == \
+            reference_ssv2(n, T, True, np.random.default_rng(s))
+    assert uniform_indices(80, 8, None).tolist() == [5, 15, 25, 35, 44, 54, 64, 74]  # by hand
     views = test_clip_indices(n, T, 1, 2, sampling="uniform")
-    assert views.shape == (2, T) and not np.array_equal(views[0], views[1])
-    assert np.all(views // 10 == np.arange(T))
+    assert views.shape == (2, T) and (n < 2 * T or not np.array_equal(views[0], views[1]))
+
+
+def reference_clip(n, T, tau, fps, target, start):
+    """PySlowFast decoder.py: clip_size = tau * T / target_fps * fps, temporal_sampling."""
+    import torch
+    size = max(1.0, tau * T / target * fps)
+    idx = torch.linspace(start, start + size - 1, T)
+    return torch.clamp(idx, 0, n - 1).long().tolist(), size
+
+
+@pytest.mark.parametrize("fps", [30.0, 25.0, 29.97, 60.0, 12.0])
+def test_clips_span_the_same_time_at_any_frame_rate(fps):
+    n, T, tau = int(10 * fps), 32, 3
+    for s in range(10):
+        got = clip_indices(n, T, tau, np.random.default_rng(s), fps=fps, target_fps=30)
+        room = max(n - tau * T / 30 * fps, 0)
+        first = np.random.default_rng(s).uniform(0, room)  # the draw the sampler made
+        want, size = reference_clip(n, T, tau, fps, 30, first)
+        assert got.tolist() == want
+        # 32 x 3 at 30 fps = 3.2 s of video whatever the source rate
+        assert size / fps == pytest.approx(3.2)
+        assert (got[-1] - got[0] + 1) / fps == pytest.approx(3.2, abs=1.5 / fps)
+    assert clip_indices(n, T, tau, np.random.default_rng(0), fps=fps, target_fps=0)[1] - \
+        clip_indices(n, T, tau, np.random.default_rng(0), fps=fps, target_fps=0)[0] == tau
+
+
+def test_test_clips_follow_pyslowfast_offset_sampling():
+    n, T, tau, fps = 250, 32, 3, 25.0
+    size = tau * T / 30 * fps  # 80 frames
+    room = n - size
+    clips = test_clip_indices(n, T, tau, 3, fps=fps, target_fps=30)
+    for k in range(3):  # use_offset: clip k starts at k * floor(room / (views - 1))
+        want, _ = reference_clip(n, T, tau, fps, 30, k * np.floor(room / 2))
+        assert clips[k].tolist() == want
+    single = test_clip_indices(n, T, tau, 1, fps=fps, target_fps=30)
+    assert single[0].tolist() == reference_clip(n, T, tau, fps, 30, np.floor(room / 2))[0]
 
 
 def test_test_clips_spread_first_at_start_last_at_end():

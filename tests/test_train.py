@@ -231,14 +231,14 @@ def test_nonfinite_step_is_skipped_on_the_device():
     import numpy as np
 
     from models import MultiTrainLoss
-    from train import build_mixup, build_optimizer, train_step
+    from train import build_batch_augment, build_optimizer, train_step
     cfg = load_config(DEMO, check_paths=False)
     torch.manual_seed(0)
     classes = {"a": 3, "b": 2}
     model = runtime.build_model(cfg, classes)
     opt = build_optimizer(cfg, model, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    mix = build_mixup(cfg, classes)
+    mix = build_batch_augment(cfg, classes)
     video = torch.randn(2, 3, 8, 64, 64)
 
     class B:  # a batch whose clip holds a NaN, as a broken decode could
