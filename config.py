@@ -220,13 +220,16 @@ class TrainConfig:
     log_every: int = 20
     # Evaluate every this many epochs (0: only at the end).
     eval_every: int = 5
+    # Also evaluate every this many optimizer steps inside epochs (0: off), for long epochs.
+    eval_every_steps: int = 0
     # Stop after this many optimizer steps (0: train all epochs); for smoke tests and benchmarks.
     max_steps: int = 0
     # Consecutive non-finite losses tolerated (each skips its step) before the run stops.
     max_nonfinite: int = 20
     # Base seed of sampling, augmentation, mixup and initialisation.
     seed: int = 0
-    # Augmented training clips written to TensorBoard as images at each epoch start.
+    # Augmented training clips per dataset written to TensorBoard at each epoch start (one
+    # image per dataset, tag train_clips/<dataset>); 0: none.
     vis_clips: int = 2
 
 
@@ -340,6 +343,7 @@ _RANGES = {
     "optim.global_batch": (1, None, True), "optim.proj_lr_scale": (0, None, False),
     "train.ckpt_every": (0, None, True), "train.keep_ckpts": (0, None, True),
     "train.log_every": (0, None, True), "train.eval_every": (0, None, True),
+    "train.eval_every_steps": (0, None, True),
     "train.max_steps": (0, None, True), "train.max_nonfinite": (0, None, True),
     "train.vis_clips": (0, None, True),
 }

@@ -38,6 +38,7 @@ if __name__ == "__main__":  # a config mistake shows in a second, before torch a
 import json  # noqa: E402
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -66,20 +67,25 @@ def view_averaged_scores(logits: torch.Tensor, views: int) -> torch.Tensor:
     return probs.view(-1, views, probs.shape[1]).mean(dim=1)
 
 
-def score_batches(model, batches, name: str, precision: str, device, should_stop=None,
-                  progress=None) -> torch.Tensor:
-    """(top-1 hits, top-5 hits) summed over `batches` on the device, no host read per batch."""
+def score_batches(model, batches, name: str, num_classes: int, precision: str, device,
+                  should_stop=None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 and top-5 hits (2,), confusion counts (C, C) rows true, columns predicted),
+    summed over `batches` on the device with no host read per batch."""
     hits = torch.zeros(2, dtype=torch.long, device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     for batch in batches:
         video, labels = batch.video, batch.labels  # (N, V, 3, T, H, W), (N,)
         with runtime.autocast(precision, device):
             logits = model(video.flatten(0, 1))["logits"][name]  # (N·V, C)
-        hits += topk_hits(view_averaged_scores(logits, video.shape[1]), labels)
+        scores = view_averaged_scores(logits, video.shape[1])  # (N, C)
+        hits += topk_hits(scores, labels)
+        confusion += torch.bincount(labels * num_classes + scores.argmax(1),
+                                    minlength=num_classes * num_classes)
         if progress is not None:
             progress(video.shape[0])
         if should_stop is not None and should_stop():
             raise EvaluationStopped(f"evaluation of {name} stopped by a signal")
-    return hits
+    return hits, confusion.view(num_classes, num_classes)
 
 
 @torch.no_grad()
@@ -90,6 +96,7 @@ def evaluate_dataset(model, cfg: Config, env: runtime.Env, name: str, num_frames
     precision = runtime.resolve_precision(cfg, env.device)
     seen, t0 = [0], time.perf_counter()
     views = loader.temporal * loader.spatial
+    num_classes = len(loader.classes)
     runtime.log(env, f"evaluating {name}: {len(loader.records)} videos x {views} views")
 
     def progress(n: int) -> None:
@@ -99,17 +106,22 @@ def evaluate_dataset(model, cfg: Config, env: runtime.Env, name: str, num_frames
                   f"({seen[0] / (time.perf_counter() - t0):.1f} videos/s)", flush=True)
 
     try:
-        hits = score_batches(model, loader, name, precision, env.device, should_stop, progress)
+        hits, confusion = score_batches(model, loader, name, num_classes, precision, env.device,
+                                        should_stop, progress)
     finally:
         loader.close()
-    # videos scored, top-1, top-5, videos that failed to decode: one host read (SYNC POINT)
-    counts = torch.cat([torch.tensor([seen[0]], device=env.device), hits.to(env.device),
-                        torch.tensor([len(loader.failed)], device=env.device)]).double()
+    # videos scored, top-1, top-5, videos that failed, confusion: one host read (SYNC POINT)
+    counts = torch.cat([torch.tensor([seen[0]], device=env.device), hits,
+                        torch.tensor([len(loader.failed)], device=env.device), confusion.flatten()])
     if env.distributed:
         dist.all_reduce(counts)
-    videos, top1, top5, failed = (int(v) for v in counts.tolist())
-    result = {"top1": top1 / max(videos, 1), "top5": top5 / max(videos, 1), "videos": videos,
-              "failed": failed}
+    values = counts.tolist()
+    videos, top1, top5, failed = values[:4]
+    result = {"top1": top1 / max(videos, 1),
+              # top-5 of 5 classes or fewer is always 100%: not reported
+              "top5": top5 / max(videos, 1) if num_classes > 5 else None,
+              "videos": videos, "failed": failed,
+              "confusion": np.array(values[4:], dtype=np.int64).reshape(num_classes, num_classes)}
     if failed:  # quarantined (source "eval") and left out of the denominator: said, not hidden
         where = os.path.join(loader.ds.val_manifest, "quarantine.jsonl")
         result["failed_note"] = f"{failed} video(s) could not be decoded and are not scored; see {where}"
@@ -147,17 +159,18 @@ def relation_report(model, classes: dict, relations_path: str) -> dict:
 
 def evaluate(model, cfg: Config, env: runtime.Env, num_frames: int, crop: int, classes: dict,
              should_stop=None) -> dict:
-    """Scores every dataset that has a val_manifest; the result is what eval.json holds.
-    `should_stop()` is asked after every batch: True raises EvaluationStopped."""
+    """Scores every dataset that has a val_manifest: what eval.json holds, plus each dataset's
+    confusion matrix (numpy, written apart by save_results). `should_stop()` is asked after
+    every batch: True raises EvaluationStopped."""
     model.eval()
     results = {"datasets": {}}
     for ds in cfg.data.datasets:
         if ds.val_manifest:
-            results["datasets"][ds.name] = evaluate_dataset(model, cfg, env, ds.name, num_frames,
-                                                            crop, should_stop)
-            r = results["datasets"][ds.name]
-            runtime.log(env, f"{ds.name}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
-                             f"({r['videos']} videos, {ds.test_views[0]}x{ds.test_views[1]} views)")
+            r = results["datasets"][ds.name] = evaluate_dataset(model, cfg, env, ds.name,
+                                                                num_frames, crop, should_stop)
+            top5 = f"  top-5 {100 * r['top5']:.2f}%" if r["top5"] is not None else ""
+            runtime.log(env, f"{ds.name}: top-1 {100 * r['top1']:.2f}%{top5}  ({r['videos']} "
+                             f"videos, {ds.test_views[0]}x{ds.test_views[1]} views)")
     results["relations"] = relation_report(model, classes, cfg.data.relations)
     rel = results["relations"]
     if "total" in rel:
@@ -165,12 +178,49 @@ def evaluate(model, cfg: Config, env: runtime.Env, num_frames: int, crop: int, c
     return results
 
 
-def write_eval_summaries(tb, results: dict, step: int) -> None:
+def true_relations(relations_path: str, classes: dict) -> dict:
+    """{(source, target): {source class: [target classes]}} of a relations file."""
+    truth: dict = {}
+    if relations_path:
+        with open(relations_path) as f:
+            for r in json.load(f):
+                if r["source"] in classes and r["target"] in classes:
+                    truth.setdefault((r["source"], r["target"]), {})[r["source_class"]] = r["target_classes"]
+    return truth
+
+
+def save_results(results: dict, out: str, tb, step: int, model, classes: dict,
+                 relations_path: str = "") -> None:
+    """eval.json, the confusion matrices (eval_confusion.npz and a PNG per dataset beside it),
+    and TensorBoard: top-1/top-5 curves, confusion images, the projection heads as heatmaps
+    with the true relations marked, and the relations found and missed as text."""
+    import viz
+    from models.heads import pair_key
+
+    folder = os.path.dirname(os.path.abspath(out))
+    confusions = {name: r.pop("confusion") for name, r in results["datasets"].items()}
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    np.savez_compressed(os.path.join(folder, "eval_confusion.npz"), **confusions)
     for name, r in results["datasets"].items():
         tb.add_scalar(f"val/{name}/top1", r["top1"], step)
-        tb.add_scalar(f"val/{name}/top5", r["top5"], step)
-    if "total" in results.get("relations", {}):
-        tb.add_scalar("val/relations_recovered", results["relations"]["recovered"], step)
+        if r["top5"] is not None:
+            tb.add_scalar(f"val/{name}/top5", r["top5"], step)
+        image = viz.confusion_image(confusions[name], classes[name], name)
+        viz.save_png(image, os.path.join(folder, f"confusion_{name}.png"))
+        tb.add_image(f"confusion/{name}", image, step, dataformats="HWC")
+    rel = results.get("relations", {})
+    truth = true_relations(relations_path, classes)
+    for s, d in getattr(model, "pairs", []):
+        weight = model.proj[pair_key(s, d)].weight.detach().float().cpu().numpy()  # (C_d, C_s)
+        tb.add_image(f"relations/{s}->{d}", viz.relation_heatmap(
+            weight, s, d, classes[s], classes[d], truth.get((s, d))), step, dataformats="HWC")
+    for key, rows in rel.get("pairs", {}).items():
+        tb.add_text(f"projection_pairs/{key}", "| source | target | weight |\n|---|---|---|\n" +
+                    "\n".join(f"| {a} | {b} | {w:.4f} |" for a, b, w in rows), step)
+    if "total" in rel:
+        tb.add_scalar("val/relations_recovered", rel["recovered"], step)
+        tb.add_text("relations/missed", "\n".join(f"- {m}" for m in rel["missed"]) or "none", step)
     tb.flush()
 
 
@@ -203,12 +253,11 @@ def main(argv=None) -> int:
     results["checkpoint"] = os.path.abspath(args.ckpt)
     if env.is_main:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json")
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
         from torch.utils.tensorboard import SummaryWriter
         with SummaryWriter(os.path.join(os.path.dirname(out), "tb")) as tb:
-            write_eval_summaries(tb, results, int(state.get("step", 0)))
-        print(f"wrote {out}")
+            save_results(results, out, tb, int(state.get("step", 0)), model, meta["classes"],
+                         cfg.data.relations)
+        print(f"wrote {out} (confusion matrices: confusion_<dataset>.png beside it)")
     runtime.teardown_env(env)
     return 0
 

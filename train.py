@@ -34,6 +34,7 @@ from contextlib import nullcontext  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
@@ -41,8 +42,8 @@ import runtime  # noqa: E402
 from config import Config, config_to_dict, save_config  # noqa: E402
 from dali_pipes import MixupCutmix, build_train_loader  # noqa: E402
 from dali_pipes.erasing import BatchAugment, RandomErasing  # noqa: E402
-from eval import EvaluationStopped, evaluate, write_eval_summaries  # noqa: E402
-from models import MultiTrainLoss, projection_pairs  # noqa: E402
+from eval import EvaluationStopped, evaluate, save_results  # noqa: E402
+from models import MultiTrainLoss  # noqa: E402
 
 
 # ---------------------------------------------------------------- optimisation
@@ -279,25 +280,36 @@ class Logger:
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self.jsonl.flush()
 
-    def clips(self, step: int, video: torch.Tensor, cfg: Config, dataset_names: list[str]) -> None:
-        """A strip of frames of a few augmented clips: what the network really sees."""
+    def clips(self, step: int, batch, cfg: Config, names: list[str]) -> None:
+        """Strips of frames of up to train.vis_clips augmented clips of each dataset in the
+        batch, one image per dataset: what the network really sees."""
         if not self.env.is_main or cfg.train.vis_clips <= 0:
             return
+        video = batch.video  # (B, 3, T, H, W) normalised
         mean = torch.tensor(cfg.data.mean, device=video.device).view(3, 1, 1, 1)
         std = torch.tensor(cfg.data.std, device=video.device).view(3, 1, 1, 1)
-        for i in range(min(cfg.train.vis_clips, video.shape[0])):
-            clip = (video[i].float() * std + mean).clamp(0, 255) / 255  # (3, T, H, W)
-            frames = clip[:, :: max(clip.shape[1] // 8, 1)]  # (3, <=8, H, W)
-            strip = torch.cat(list(frames.unbind(1)), dim=2)  # (3, H, <=8·W)
-            self.tb.add_image(f"train_clips/{i}_{dataset_names[i]}", strip.cpu(), step)  # sync, once an epoch
+        rows: dict = {}
+        for i, d in enumerate(batch.datasets):
+            if len(rows.setdefault(d, [])) < cfg.train.vis_clips:
+                clip = (video[i].float() * std + mean).clamp(0, 255) / 255  # (3, T, H, W)
+                frames = clip[:, :: max(clip.shape[1] // 8, 1)]  # (3, <=8, H, W)
+                rows[d].append(torch.cat(list(frames.unbind(1)), dim=2))  # (3, H, <=8·W)
+        for d, strips in rows.items():  # SYNC POINT: once an epoch
+            self.tb.add_image(f"train_clips/{names[d]}", torch.cat(strips, dim=1).cpu(), step)
 
-    def relations(self, step: int, pairs: dict) -> None:
+    def routes(self, loader, step: int) -> None:
+        """How many files of each dataset each decoder reads (data/routes/<dataset>/<route>)."""
+        from dali_pipes import routing
         if not self.env.is_main:
             return
-        for key, rows in pairs.items():
-            table = "| source | target | weight |\n|---|---|---|\n" + "\n".join(
-                f"| {s} | {t} | {w:.4f} |" for s, t, w in rows)
-            self.tb.add_text(f"projection_pairs/{key}", table, step)
+        for d, name in enumerate(loader.names):
+            summary = routing.summarize(loader.route(r) for r in loader.records[d])["summary"]
+            for route, count in summary.items():
+                self.tb.add_scalar(f"data/routes/{name}/{route}", count, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.env.is_main:
+            self.tb.add_text(tag, text, step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -449,11 +461,13 @@ def main(argv=None) -> int:
     train_model = torch.compile(ddp or model) if cfg.model.compile else (ddp or model)
     micro_batch = cfg.data.batch_size * env.world_size
     if cfg.loss.w_inf and micro_batch <= cfg.model.expander_dim:
-        # The covariance of B samples has rank < B, so with B <= D_e the off-diagonal term cannot
-        # reach zero: it keeps a floor of about D_e/(B-1) - 1 whose gradient fights the others.
-        runtime.log(env, f"warning: informative loss over {micro_batch} clips per step with expander_dim "
-                         f"{cfg.model.expander_dim}: its covariance term cannot vanish; use more clips "
-                         "per step (GPUs x data.batch_size) or a smaller model.expander_dim")
+        # The covariance of B clips has rank < B: with unit variances its off-diagonal term is
+        # at least D_e/(B-1) - 1 (trace^2/rank - trace, over D_e), a constant of the setting.
+        floor = cfg.model.expander_dim / (micro_batch - 1) - 1 if micro_batch > 1 else float("inf")
+        runtime.log(env, f"note: the informative loss sees {micro_batch} clips per step with "
+                         f"expander_dim {cfg.model.expander_dim}: its covariance term stays above "
+                         f"{floor:.2f} ({cfg.loss.w_inf * cfg.loss.cov_weight * floor:.2f} of the "
+                         "loss); more clips per step (GPUs x data.batch_size) lower it")
     logger = Logger(env, run_dir, resumed_step=step)
     stop = StopFlag()
     runtime.log(env, f"training {cfg.model.arch} on {', '.join(loader.names)}: {env.world_size} process(es), "
@@ -461,6 +475,8 @@ def main(argv=None) -> int:
                      f"{cfg.optim.global_batch}, {steps_per_epoch} steps/epoch, {total_steps} steps")
     for line in describe_data(loader):
         runtime.log(env, line)
+    logger.text("config", "```\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + "```", step)
+    logger.routes(loader, step)
 
     # ---- loop
     stats, speed, waited, busy_t0 = StepStats(), runtime.Throughput(), 0.0, time.perf_counter()
@@ -475,7 +491,7 @@ def main(argv=None) -> int:
         for batch, wait_s in timed(loader.epoch(epoch, should_stop=waiting_stop)):
             waited += wait_s
             if batch.epoch_step == 0:
-                logger.clips(step, batch.video, cfg, [loader.names[i] for i in batch.datasets])
+                logger.clips(step, batch, cfg, loader.names)
             batches.append(batch)
             if len(batches) < accum:
                 continue
@@ -497,17 +513,23 @@ def main(argv=None) -> int:
                                      min(waited / max(busy, 1e-9), 1.0))
                 waited, busy_t0 = 0.0, time.perf_counter()
             stopping = stop.agreed(env)
-            eval_due = end_of_epoch and (step == total_steps or bool(
-                cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0))
-            if stopping or end_of_epoch or step == total_steps or every(step, cfg.train.ckpt_every):
+            last_of_epoch = end_of_epoch or step == total_steps
+            # An evaluation due here is remembered by this step's checkpoint: a run stopped
+            # during it resumes into it.
+            epoch_eval = last_of_epoch and (step == total_steps or every(epoch + 1, cfg.train.eval_every))
+            step_eval = not last_of_epoch and every(step, cfg.train.eval_every_steps)
+            if stopping or last_of_epoch or step_eval or every(step, cfg.train.ckpt_every):
                 position = {"epoch": epoch + 1, "samples": 0, "quarantined": loader.num_quarantined} \
                     if end_of_epoch else loader.state_dict()
                 save_checkpoint(env, cfg, run_dir, checkpoint_state(
                     cfg, model, optimizer, scaler, position, step, nonfinite, meta,
-                    eval_pending=eval_due))
+                    eval_pending=epoch_eval or step_eval))
             if stopping:
                 return finish_stopped(env, logger, loader, step)
-            if end_of_epoch or step == total_steps:
+            if step_eval and not run_evaluation(env, cfg, model, loader, logger, step, num_frames,
+                                                crop, run_dir, stop):
+                return finish_stopped(env, logger, loader, step)
+            if last_of_epoch:
                 break
         if stop.agreed(env):  # a signal while waiting for data: save where the steps stopped
             save_checkpoint(env, cfg, run_dir, checkpoint_state(  # (unstepped batches replay)
@@ -515,7 +537,7 @@ def main(argv=None) -> int:
                 nonfinite, meta))
             return finish_stopped(env, logger, loader, step)
         epoch += 1
-        if step == total_steps or (cfg.train.eval_every and epoch % cfg.train.eval_every == 0):
+        if step == total_steps or every(epoch, cfg.train.eval_every):
             if not run_evaluation(env, cfg, model, loader, logger, step, num_frames, crop,
                                   run_dir, stop):
                 return finish_stopped(env, logger, loader, step)
@@ -561,7 +583,7 @@ def describe_data(loader) -> list[str]:
     names = {routing.NVDEC: "NVDEC", routing.DALI_CPU: "DALI CPU", routing.PYAV: "PyAV fallback"}
     lines = []
     for d, name in enumerate(loader.names):
-        routes = routing.summarize(loader._decoder.route(r) for r in loader.records[d])
+        routes = routing.summarize(loader.route(r) for r in loader.records[d])
         parts = []
         for r, count in routes["summary"].items():
             if count:
@@ -637,10 +659,8 @@ def run_evaluation(env, cfg, model, loader, logger, step, num_frames, crop, run_
     except EvaluationStopped:
         return False
     if env.is_main:
-        write_eval_summaries(logger.tb, results, step)
-        logger.relations(step, projection_pairs(plain, loader.classes, k=5))
-        with open(os.path.join(run_dir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        save_results(results, os.path.join(run_dir, "eval.json"), logger.tb, step, plain,
+                     loader.classes, cfg.data.relations)
     plain.train()
     return True
 

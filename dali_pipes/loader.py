@@ -190,6 +190,10 @@ class TrainLoader:
         self._decode_lock = threading.Lock()  # one producer at a time uses the DALI graphs
         self._stream = LoaderStream(self.device)
 
+    def route(self, record: dict) -> tuple[str, str]:
+        """(decoder, reason) of a manifest record: dali_pipes/routing.py on this machine."""
+        return self._decoder.route(record)
+
     # ---------------------------------------------------------------------------- state ---
     def state_dict(self, pending: int = 0) -> dict:
         """Position in global samples (all ranks): a resume with another world size continues
