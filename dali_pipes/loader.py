@@ -12,7 +12,6 @@ broken, not on when the run found out, so a resumed run makes the same replaceme
 from __future__ import annotations
 
 import contextlib
-import json
 import queue
 import sys
 import threading
@@ -26,6 +25,8 @@ import torch
 
 from dali_pipes import pipeline as P
 from dali_pipes.decoder import Decoder, Item, stack_samples
+# Quarantine helpers live with the manifest (light to import); kept importable from here.
+from dali_pipes.manifest import read_quarantine, reason_kind  # noqa: F401
 from dali_pipes.sampling import (MultiDatasetSampler, clip_indices, sample_rng,
                                  test_clip_indices, uniform_indices)
 
@@ -120,28 +121,6 @@ class LoaderStream:
         for t in batch.tensors():
             if t.is_cuda:
                 t.record_stream(consumer)
-
-
-def reason_kind(reason: str) -> str:
-    """A short class of a quarantine reason for summaries ("short decode", "cannot read ...")."""
-    text = str(reason)
-    for prefix in ("DecodeError: ", "RuntimeError: ", "ProbeError: "):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    return text.split(":")[0].split(" (")[0][:60]
-
-
-def read_quarantine(directory) -> list[dict]:
-    """Rows of a manifest folder's quarantine.jsonl; a torn line (a kill mid-write) is skipped."""
-    path = Path(directory) / "quarantine.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _load_datasets(cfg, key: str, names: Optional[list] = None):

@@ -7,6 +7,9 @@ manifest and never meets a file DALI cannot handle (SPEC §6: DALI fails whole b
 bad files and has no skip option).
 
     python -m dali_pipes.manifest kinetics --annotations train.csv --root videos/ --out m/
+    python -m dali_pipes.manifest report m/ [more manifest folders] --out report/
+
+``report`` (dali_pipes/report.py) draws what the built manifests hold, from the probes alone.
 """
 from __future__ import annotations
 
@@ -836,6 +839,28 @@ def load_manifest(directory) -> tuple[list[dict], list[str]]:
     return records, classes
 
 
+def reason_kind(reason: str) -> str:
+    """A short class of a quarantine reason for summaries ("short decode", "cannot read ...")."""
+    text = str(reason)
+    for prefix in ("DecodeError: ", "RuntimeError: ", "ProbeError: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text.split(":")[0].split(" (")[0][:60]
+
+
+def read_quarantine(directory) -> list[dict]:
+    """Rows of a manifest folder's quarantine.jsonl; a torn line (a kill mid-write) is skipped."""
+    path = Path(directory) / QUARANTINE
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def append_quarantine(directory, path, reason: str, source: str) -> None:
     """Append one quarantine row; safe from several processes at once.
 
@@ -855,8 +880,17 @@ def append_quarantine(directory, path, reason: str, source: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dali_pipes.manifest",
-                                     description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        # A subcommand in front of the format positional, so every existing command line of
+        # the builder keeps its meaning; the report lives in its own module.
+        from .report import main as report_main
+        return report_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m dali_pipes.manifest", description=__doc__.split("\n\n")[0],
+        epilog="python -m dali_pipes.manifest report DIR [DIR ...] --out REPORT_DIR writes a "
+               "data report of built manifests (PNG per folder plus report.md); see "
+               "`python -m dali_pipes.manifest report -h`.")
     parser.add_argument("format", choices=FORMATS)
     parser.add_argument("--annotations", required=True, help="official annotation file")
     parser.add_argument("--labels", help="class list (text, 'name,index' lines or JSON)")
