@@ -902,6 +902,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"probe processes (default min(8, cpus) = {default_workers()})")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds per file before the probe is killed")
+    parser.add_argument("--json", action="store_true",
+                        help="print the whole build summary as JSON (it is also meta.json)")
     parser.add_argument("--keep-decode-errors", action="store_true",
                         help="keep files whose probe logged FFmpeg decode errors (listed in "
                              "probe.decode_errors) instead of quarantining them")
@@ -922,8 +924,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1) if args.json else summary_line(summary))
     return 0
+
+
+def summary_line(summary: dict, name: str = "") -> str:
+    """One console line of a build summary (the full one is meta.json in the manifest)."""
+    reused = f", {summary['reused']} probes reused" if summary.get("reused") else ""
+    back = f", {summary['restored']} restored" if summary.get("restored") else ""
+    return (f"{name or summary['out']}: {summary['num_samples']:,} samples, "
+            f"{summary['num_quarantined']:,} quarantined, {summary['num_classes']} classes "
+            f"({summary['format']}{reused}{back}, {summary['seconds']:.1f} s) -> "
+            f"{summary['out']}/manifest.jsonl")
 
 
 class Terminated(Exception):

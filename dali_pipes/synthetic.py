@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifests", action="store_true",
                         help="also build the 8 manifests under OUT/manifests "
                              "(data then goes to OUT/data)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip decoding one video per dataset with DALI's CPU decoder")
     args = parser.parse_args(argv)
@@ -485,7 +486,14 @@ def main(argv: list[str] | None = None) -> int:
             frames, h, w = check_dali_decode(first)
             print(f"DALI CPU decode check {ds['name']}: {first.name} -> {frames}x{h}x{w}",
                   file=sys.stderr)
-    print(json.dumps({k: v for k, v in result.items() if k != "datasets"}, indent=1))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "datasets"}, indent=1))
+    else:
+        from .manifest import summary_line
+        for name, summary in result.get("summaries", {}).items():
+            print(summary_line(summary, name))
+        data = result.get("data", args.out)  # without --manifests the data goes to --out
+        print(f"demo data: {data} (true relations: {Path(data) / 'relations.json'})")
     return 0
 
 

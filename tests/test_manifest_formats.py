@@ -661,8 +661,14 @@ def test_cli(shared_videos, tmp_path):
                          str(ann), "--root", str(tmp_path), "--out", str(tmp_path / "m"),
                          "--workers", "1"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["num_samples"] == 1
+    (line,) = ok.stdout.strip().splitlines()  # one line, not a JSON dump
+    assert line.startswith(f"{tmp_path / 'm'}: 1 samples, 0 quarantined, 1 classes (list")
+    assert line.endswith(f"-> {tmp_path / 'm'}/manifest.jsonl")
     assert "probing 1/1" in ok.stderr
+    again = subprocess.run([sys.executable, "-m", "dali_pipes.manifest", "list", "--annotations",
+                            str(ann), "--root", str(tmp_path), "--out", str(tmp_path / "m"),
+                            "--workers", "1", "--json"], capture_output=True, text=True, env=env)
+    assert json.loads(again.stdout)["num_samples"] == 1 and json.loads(again.stdout)["reused"] == 1
     bad = subprocess.run([sys.executable, "-m", "dali_pipes.manifest", "kinetics",
                           "--annotations", str(tmp_path / "nope.csv"), "--root",
                           str(tmp_path), "--out", str(tmp_path / "m2")],

@@ -347,7 +347,8 @@ def test_builder_and_report_command_lines(tmp_path):
     env_run = dict(capture_output=True, text=True, cwd=REPO, timeout=120)
     built = subprocess.run([sys.executable, "-m", "dali_pipes.manifest", "kinetics",
                             "--annotations", str(tmp_path / "train.csv"), "--root",
-                            str(tmp_path / "videos"), "--out", str(tmp_path / "m")], **env_run)
+                            str(tmp_path / "videos"), "--out", str(tmp_path / "m"), "--json"],
+                           **env_run)
     assert built.returncode == 0, built.stderr
     assert json.loads(built.stdout)["num_samples"] == 1
     rep = subprocess.run([sys.executable, "-m", "dali_pipes.manifest", "report",
