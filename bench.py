@@ -5,6 +5,9 @@
 data       the DALI training pipeline alone: clips/s and output frames/s
 data-peer  the same decoding and augmentation the usual way (PyAV + torch DataLoader workers)
            on the same files; reported with the ratio data / data-peer
+data-decord, data-torchcodec
+           the same with decord (decord2; the MultiTrain authors' decoder) or torchcodec
+           decoding; a peer that is not installed is reported as skipped
 model      forward + backward + AdamW step on synthetic clips already on the device: clips/s,
            achieved TFLOP/s from the model's FLOP count, MFU against a matrix-multiply peak
            measured on the same device, peak memory
@@ -20,7 +23,8 @@ import argparse
 
 from config import exit_on_config_error, load_config
 
-MODES = ("data", "data-peer", "model", "e2e")
+MODES = ("data", "data-peer", "data-decord", "data-torchcodec", "model", "e2e")
+PEER_MODES = {"data-peer": "pyav", "data-decord": "decord", "data-torchcodec": "torchcodec"}
 
 
 def parse_args(argv=None):
@@ -261,13 +265,15 @@ def decode_name(decode_device: str) -> str:
     return "nvdec" if decode_device == "mixed" else decode_device
 
 
-def bench_data_peer(cfg: Config, env: runtime.Env, iters: int, warmup: int, workers: int) -> dict:
+def bench_data_peer(cfg: Config, env: runtime.Env, iters: int, warmup: int, workers: int,
+                    decoder: str = "pyav") -> dict:
     from dali_pipes.peer import peer_throughput
     frames, crop = runtime.input_geometry(cfg)
     result = peer_throughput(cfg, num_frames=frames, crop_size=crop, batches=iters, warmup=warmup,
-                             workers=workers)
-    result.setdefault("frames_per_s", result["clips_per_s"] * frames)
-    result["workers"] = workers
+                             workers=workers, decoder=decoder)
+    if "clips_per_s" in result:
+        result.setdefault("frames_per_s", result["clips_per_s"] * frames)
+        result["workers"] = workers
     return result
 
 
@@ -321,21 +327,25 @@ def device_name(device: torch.device) -> str:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'mode':<10} {'clips/s':>10}  details")
+    print(f"\n{'mode':<16} {'clips/s':>10}  details")
     for mode, r in results.items():
+        if "skipped" in r:
+            print(f"{mode:<16} {'-':>10}  skipped: {r['skipped']}")
+            continue
         details = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in r.items() if k != "clips_per_s")
-        print(f"{mode:<10} {r['clips_per_s']:>10.2f}  {details}")
+        print(f"{mode:<16} {r['clips_per_s']:>10.2f}  {details}")
 
 
 def plot(results: dict, path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    modes = list(results)
+    modes = [m for m in results if "clips_per_s" in results[m]]  # skipped peers have no bar
     values = [results[m]["clips_per_s"] for m in modes]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(modes, values, color=["#4c72b0", "#8c8c8c", "#55a868", "#c44e52"][:len(modes)])
+    fig, ax = plt.subplots(figsize=(1.4 * len(modes) + 1.5, 3.5))
+    colours = {"data": "#4c72b0", "model": "#55a868", "e2e": "#c44e52"}
+    bars = ax.bar(modes, values, color=[colours.get(m, "#8c8c8c") for m in modes])
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel("clips / s")
     ax.set_title(title, fontsize=9)
@@ -352,15 +362,19 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     runners = {"data": lambda: bench_data(cfg, env, args.iters, args.warmup),
-               "data-peer": lambda: bench_data_peer(cfg, env, args.iters, args.warmup, args.peer_workers),
+               **{mode: (lambda d=decoder: bench_data_peer(cfg, env, args.iters, args.warmup,
+                                                           args.peer_workers, d))
+                  for mode, decoder in PEER_MODES.items()},
                "model": lambda: bench_model(cfg, env, args.iters, args.warmup,
                                             tuple(int(b) for b in args.batch_search.split(",") if b)),
                "e2e": lambda: bench_e2e(cfg, env, args.iters, args.warmup)}
     for mode in args.modes:
         runtime.log(env, f"[{mode}] {cfg.model.arch}, batch {cfg.data.batch_size}, device {env.device}")
         results[mode] = runners[mode]()
-    if "data" in results and "data-peer" in results:
-        results["data"]["ratio_vs_peer"] = results["data"]["clips_per_s"] / results["data-peer"]["clips_per_s"]
+    for mode, decoder in PEER_MODES.items():  # DALI against each peer that ran
+        if "data" in results and "clips_per_s" in results.get(mode, {}):
+            key = "ratio_vs_peer" if decoder == "pyav" else f"ratio_vs_{decoder}"
+            results["data"][key] = results["data"]["clips_per_s"] / results[mode]["clips_per_s"]
     if "e2e" in results and "model" in results:
         results["e2e"]["ratio_vs_model"] = results["e2e"]["clips_per_s"] / results["model"]["clips_per_s"]
     if env.is_main:

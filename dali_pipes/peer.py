@@ -1,9 +1,11 @@
-"""The throughput peer: PyAV decoding + torch augmentation in a torch DataLoader.
+"""The throughput peers: what users run instead of this project, decoding with PyAV (PySlowFast's
+default), decord (what the MultiTrain authors used; `decord2` is its maintained successor on the
+registry) or torchcodec, with torch augmentation in a torch DataLoader.
 
-It produces the same clips as the DALI training graph, from the same per-sample parameters
+They produce the same clips as the DALI training graph, from the same per-sample parameters
 (`TrainLoader.make_item`): decode the sampled frames, resize the short side to the drawn size,
 crop, RandAugment (`randaug.apply_torch`), flip, normalise to (3, T, crop, crop).
-Used by tools/data_throughput.py and bench.py --mode data-peer.
+Used by tools/data_throughput.py and bench.py --mode data-peer / data-decord / data-torchcodec.
 """
 from __future__ import annotations
 
@@ -39,14 +41,40 @@ def augment_clip(frames: np.ndarray, params: dict, crop: int, mean: Sequence[flo
     return ((x.round().clamp(0, 255) - m) / s).permute(1, 0, 2, 3).contiguous()
 
 
+PEERS = ("pyav", "decord", "torchcodec")
+_MODULES = {"pyav": ("av", "av (pip install av)"), "decord": ("decord", "decord2 (pip install decord2)"),
+            "torchcodec": ("torchcodec", "torchcodec (its wheels need torch's CUDA libraries)")}
+
+
+def peer_missing(decoder: str) -> str | None:
+    """Why the peer cannot run here (its package is absent), or None."""
+    import importlib.util
+    module, package = _MODULES[decoder]
+    return None if importlib.util.find_spec(module) else f"{package} is not installed"
+
+
+def decode_clip(decoder: str, path: str, indices, stream_index: int = 0,
+                rotation: int = 0) -> np.ndarray:
+    """(T, H, W, 3) uint8 upright frames at `indices` with the peer's decoder."""
+    if decoder == "pyav":
+        return decode_frames(path, indices, stream_index, rotation=rotation)
+    idx = [int(i) for i in indices]
+    if decoder == "decord":  # turns rotated files upright itself (checked in the tests)
+        import decord
+        return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1).get_batch(idx).asnumpy()
+    from torchcodec.decoders import VideoDecoder
+    frames = VideoDecoder(path, device="cpu", num_ffmpeg_threads=1).get_frames_at(idx).data
+    return frames.permute(0, 2, 3, 1).numpy()  # (T, C, H, W) -> (T, H, W, C)
+
+
 class PeerDataset(torch.utils.data.Dataset):
     """Sample k -> augmented clip, from `make_item(k)` (an object with .record, .indices,
     .params), so the peer decodes the same frames with the same parameters as DALI."""
 
     def __init__(self, make_item: Callable, num_samples: int, crop: int, mean, std,
-                 geom_interp: str = "nn"):
+                 geom_interp: str = "nn", decoder: str = "pyav"):
         self.make_item, self.num_samples, self.geom_interp = make_item, num_samples, geom_interp
-        self.crop, self.mean, self.std = crop, mean, std
+        self.crop, self.mean, self.std, self.decoder = crop, mean, std, decoder
 
     def __len__(self) -> int:
         return self.num_samples
@@ -54,8 +82,8 @@ class PeerDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> torch.Tensor:
         it = self.make_item(k)
         probe = it.record["probe"]
-        frames = decode_frames(it.record["path"], it.indices, int(probe.get("stream_index", 0)),
-                               rotation=int(probe.get("rotation", 0) or 0))
+        frames = decode_clip(self.decoder, it.record["path"], it.indices,
+                             int(probe.get("stream_index", 0)), int(probe.get("rotation", 0) or 0))
         return augment_clip(frames, it.params, self.crop, self.mean, self.std, self.geom_interp)
 
 
@@ -81,7 +109,8 @@ def measure_peer(dataset: PeerDataset, batch_size: int, workers: int = 2,
     return {"clips": n, "seconds": elapsed, "clips_per_s": n / elapsed}
 
 
-def peer_dataset(loader, num_samples: int, crop_size: int, mean, std) -> PeerDataset:
+def peer_dataset(loader, num_samples: int, crop_size: int, mean, std,
+                 decoder: str = "pyav") -> PeerDataset:
     """The peer over a DALI TrainLoader's own samples: sample k is the k-th of the loader's
     epoch-0 order (cycling into later epochs), with the loader's frames and parameters."""
     order = loader.sampler.global_order(0)
@@ -90,21 +119,26 @@ def peer_dataset(loader, num_samples: int, crop_size: int, mean, std) -> PeerDat
         d, v, s = order[k % size]
         return loader.make_item(k // size, int(d), int(v), int(s))
 
-    return PeerDataset(make_item, num_samples, crop_size, mean, std, loader.geom_interp)
+    return PeerDataset(make_item, num_samples, crop_size, mean, std, loader.geom_interp, decoder)
 
 
 def peer_throughput(cfg, num_frames: int, crop_size: int, batches: int = 10, warmup: int = 2,
-                    workers: int = 2) -> dict:
-    """Clips/s of the peer on the training manifests of `cfg`, with the DALI loader's sampling
-    and augmentation parameters (bench.py --mode data-peer)."""
+                    workers: int = 2, decoder: str = "pyav") -> dict:
+    """Clips/s of a peer on the training manifests of `cfg`, with the DALI loader's sampling
+    and augmentation parameters (bench.py --mode data-peer and friends); {"skipped": why}
+    when the peer's package is not installed."""
     from dali_pipes.loader import build_train_loader
 
+    missing = peer_missing(decoder)
+    if missing:
+        return {"skipped": missing}
     loader = build_train_loader(cfg, num_frames, crop_size)  # sampler + parameters only
     bs = cfg.data.batch_size
-    data = peer_dataset(loader, (batches + warmup) * bs, crop_size, cfg.data.mean, cfg.data.std)
+    data = peer_dataset(loader, (batches + warmup) * bs, crop_size, cfg.data.mean, cfg.data.std,
+                        decoder)
     try:
         result = measure_peer(data, bs, workers, warmup)
     finally:
         loader.close()
-    result.update(batch=bs, geom_interp=loader.geom_interp)
+    result.update(batch=bs, geom_interp=loader.geom_interp, decoder=decoder)
     return result
