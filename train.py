@@ -257,6 +257,7 @@ class Logger:
         self.env = env
         self.tb = None
         self.jsonl = None
+        self._shown: set = set()  # datasets whose clips this epoch's images already show
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
             path = os.path.join(run_dir, "metrics.jsonl")
@@ -281,16 +282,23 @@ class Logger:
         self.jsonl.flush()
 
     def clips(self, step: int, batch, cfg: Config, names: list[str]) -> None:
-        """Strips of frames of up to train.vis_clips augmented clips of each dataset in the
-        batch, one image per dataset: what the network really sees."""
+        """At each epoch start, strips of frames of up to train.vis_clips augmented clips of
+        each dataset, one image per dataset (taken from the first batches that hold it): what
+        the network really sees."""
         if not self.env.is_main or cfg.train.vis_clips <= 0:
             return
+        if batch.epoch_step == 0:
+            self._shown = set()
+        missing = set(batch.datasets) - self._shown
+        if not missing or batch.epoch_step > 50:
+            return
+        self._shown |= missing
         video = batch.video  # (B, 3, T, H, W) normalised
         mean = torch.tensor(cfg.data.mean, device=video.device).view(3, 1, 1, 1)
         std = torch.tensor(cfg.data.std, device=video.device).view(3, 1, 1, 1)
         rows: dict = {}
         for i, d in enumerate(batch.datasets):
-            if len(rows.setdefault(d, [])) < cfg.train.vis_clips:
+            if d in missing and len(rows.setdefault(d, [])) < cfg.train.vis_clips:
                 clip = (video[i].float() * std + mean).clamp(0, 255) / 255  # (3, T, H, W)
                 frames = clip[:, :: max(clip.shape[1] // 8, 1)]  # (3, <=8, H, W)
                 rows[d].append(torch.cat(list(frames.unbind(1)), dim=2))  # (3, H, <=8·W)
@@ -490,8 +498,7 @@ def main(argv=None) -> int:
         batches = []
         for batch, wait_s in timed(loader.epoch(epoch, should_stop=waiting_stop)):
             waited += wait_s
-            if batch.epoch_step == 0:
-                logger.clips(step, batch, cfg, loader.names)
+            logger.clips(step, batch, cfg, loader.names)
             batches.append(batch)
             if len(batches) < accum:
                 continue
@@ -594,7 +601,7 @@ def describe_data(loader) -> list[str]:
         excluded = sum(loader.excluded.get(name, {}).values())
         line = f"{name}: {len(loader.records[d]):,} videos: " + ", ".join(parts)
         if excluded:
-            kinds = ", ".join(f"{k} {v}" for k, v in loader.excluded[name].items())
+            kinds = ", ".join(f"{v} x {k}" for k, v in loader.excluded[name].items())
             line += f"; {excluded:,} left out (quarantined earlier or probe errors: {kinds})"
         lines.append(line)
     return lines
@@ -603,7 +610,7 @@ def describe_data(loader) -> list[str]:
 def quarantine_summary(loader) -> list[str]:
     if not loader.quarantined:
         return []
-    return [f"quarantined during this run: {name}: " + ", ".join(f"{k} {v}" for k, v in kinds.items())
+    return [f"quarantined during this run: {name}: " + ", ".join(f"{v} x {k}" for k, v in kinds.items())
             for name, kinds in loader.quarantined.items()]
 
 
