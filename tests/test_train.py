@@ -183,17 +183,34 @@ def test_lr_schedule_warmup_then_cosine(tmp_path):
     assert lr_at(cfg, total, spe, total) == pytest.approx(2e-6)
 
 
-def test_no_weight_decay_on_biases_norms_and_tables():
+@pytest.mark.parametrize("tables", ["abs_pos", "rel_pos_cls"])
+def test_no_weight_decay_on_biases_norms_and_tables(tables):
+    """The recipe decays weight matrices only: biases, norms, the class token (1, 1, D) and the
+    position tables, absolute (1, N, D) or relative (2L-1, C), are left alone although the
+    tables have 2 or 3 dimensions like the weights."""
     from train import param_groups
-    cfg = load_config(DEMO, check_paths=False)
+    extra = ["model.rel_pos=true", "model.cls_embed=true"] if tables == "rel_pos_cls" else []
+    cfg = load_config(DEMO, extra, check_paths=False)
     model = runtime.build_model(cfg, {"a": 3, "b": 2})
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in decay["params"])
+    decayed = {names[id(p)] for p in decay["params"]}
     skipped = {names[id(p)] for p in no_decay["params"]}
-    assert any("pos_embed" in n for n in skipped) and any(n.endswith(".bias") for n in skipped)
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decayed.isdisjoint(skipped) and len(decayed) + len(skipped) == len(names)
+    if tables == "rel_pos_cls":
+        want_tables = {f"backbone.blocks.{i}.attn.rel_pos_{a}" for i in range(5) for a in "thw"}
+        want_tables |= {"backbone.cls_token"}
+    else:
+        want_tables = {"backbone.pos_embed_spatial", "backbone.pos_embed_temporal"}
+    tables_found = {n for n in names.values() if "rel_pos" in n or "pos_embed" in n or "cls_token" in n}
+    assert tables_found == want_tables
+    assert want_tables <= skipped
+    one_d = {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert {"backbone.norm.weight", "backbone.blocks.0.attn.qkv.bias", "heads.a.0.bias"} <= one_d
+    assert skipped == one_d | want_tables
+    assert {"backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight",
+            "heads.a.0.weight", "proj.a->b.weight", "expander.0.weight"} <= decayed
 
 
 def test_projection_heads_get_their_own_scaled_learning_rate():
