@@ -179,6 +179,23 @@ def tiny_batch(num_classes: dict, b: int = 6, seed: int = 0, masks=None):
     return tiny_clips(b, seed), targets, torch.as_tensor(masks, dtype=torch.float64)
 
 
+def linear_resample(table, n: int):
+    """Rows of `table` (L, C) resampled to n rows by linear interpolation between the centres
+    of the old rows, ends held (PyTorch's and PySlowFast's "linear", align_corners False),
+    written out by hand as a reference."""
+    import numpy as np
+
+    table = np.asarray(table)
+    length = table.shape[0]
+    rows = []
+    for i in range(n):
+        x = max((i + 0.5) * length / n - 0.5, 0.0)  # position in the old table
+        lo = min(int(np.floor(x)), length - 1)
+        hi = min(lo + 1, length - 1)
+        rows.append((1 - (x - lo)) * table[lo] + (x - lo) * table[hi])
+    return np.stack(rows)
+
+
 # -------------------------------------------------------------------------- broken files
 
 BREAKS = ("truncated", "garbage", "text", "empty", "deleted", "directory", "fifo")

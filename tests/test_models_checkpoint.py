@@ -4,21 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_backbone as tiny
+from helpers import linear_resample, tiny_backbone as tiny
 from models import MultiTrainModel, build_backbone, load_pyslowfast
-
-
-def linear_resample(table: np.ndarray, n: int) -> np.ndarray:
-    """Rows of `table` (L, C) resampled to n rows by linear interpolation between the centres
-    of the old rows (PyTorch's and PySlowFast's "linear", align_corners False), by hand."""
-    length = table.shape[0]
-    rows = []
-    for i in range(n):
-        x = max((i + 0.5) * length / n - 0.5, 0.0)  # position in the old table
-        lo = min(int(np.floor(x)), length - 1)
-        hi = min(lo + 1, length - 1)
-        rows.append((1 - (x - lo)) * table[lo] + (x - lo) * table[hi])
-    return np.stack(rows)
 
 
 def test_round_trip_through_pyth_file(tmp_path):
