@@ -58,6 +58,28 @@ def test_resume_mid_epoch_gives_identical_batches(tmp_path, two_datasets):
         ld.close()
 
 
+def test_same_sample_id_same_clip_wherever_it_sits_in_a_batch(tmp_path, two_datasets):
+    """A clip is a function of (seed, epoch, sample id): its temporal start, crop, flip and
+    RandAugment do not depend on its row, its neighbours, the decoder or the loader instance."""
+    cfg = make_cfg(tmp_path, two_datasets)  # RandAugment on (n=2), flips on for "dali"
+    rows = np.array([[0, 0, 10], [1, 3, 11], [0, 0, 12], [0, 2, 13]])  # row 1: the fallback
+    loader = build_train_loader(cfg, T, CROP)
+    a = loader.build_batch(0, 0, rows)
+    b = loader.build_batch(0, 0, rows[::-1])
+    loader.close()
+    for k in range(4):
+        assert torch.equal(a.video[k], b.video[3 - k]), k
+    assert b.sample_ids.tolist() == [13, 12, 11, 10] and b.labels.tolist() == a.labels.tolist()[::-1]
+    assert not torch.equal(a.video[0], a.video[2])  # same video, another sample: another clip
+    other = build_train_loader(cfg, T, CROP)  # e.g. the resumed run
+    c = other.build_batch(0, 0, rows[[2, 0]])
+    other.close()
+    assert torch.equal(c.video[0], a.video[2]) and torch.equal(c.video[1], a.video[0])
+    d = build_train_loader(cfg, T, CROP)
+    assert not torch.equal(d.build_batch(1, 0, rows[:1]).video[0], a.video[0])  # next epoch
+    d.close()
+
+
 def test_corrupt_files_quarantined_and_replaced(tmp_path, videos):
     vp9 = videos / "derived_juggle_vp9.webm"
     trunc = break_file(tmp_path / "bad" / "truncated.webm", "truncated", src=vp9, fraction=0.02)
