@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import linear_resample, tiny_backbone as tiny
-from models import MultiTrainModel, build_backbone, load_pyslowfast
+from models import MultiTrainModel, load_pyslowfast
 
 
 def test_round_trip_through_pyth_file(tmp_path):
