@@ -98,5 +98,5 @@ def test_progress_rate_starts_the_clock_at_the_first_iteration():
     for _ in range(5):
         time.sleep(0.1)
         progress.tick()
-    assert 30 < progress.rate() <= 40.5
+    assert 20 < progress.rate() <= 40.5  # never above 40: sleeps only overshoot
     assert progress.done == 5
