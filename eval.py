@@ -79,8 +79,10 @@ def score_batches(model, batches, name: str, num_classes: int, precision: str, d
             logits = model(video.flatten(0, 1))["logits"][name]  # (N·V, C)
         scores = view_averaged_scores(logits, video.shape[1])  # (N, C)
         hits += topk_hits(scores, labels)
-        confusion += torch.bincount(labels * num_classes + scores.argmax(1),
-                                    minlength=num_classes * num_classes)
+        # index_add_, not bincount: CUDA's bincount reads its input's min and max back to the
+        # host to size its output, a sync every batch
+        cells = labels * num_classes + scores.argmax(1)  # (N,) row-major cell of each video
+        confusion.index_add_(0, cells, torch.ones_like(cells))
         if progress is not None:
             progress(video.shape[0])
         if should_stop is not None and should_stop():

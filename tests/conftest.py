@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import entry, write_manifest
+from helpers import DEMO_DATA, break_file, entry, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,13 +58,8 @@ def garbage_vp9(shared_videos, tmp_path) -> Path:
     PyAV decodes it to the end without raising: FFmpeg only logs demuxer errors, so this
     is the file that trains "fine" while printing errors.
     """
-    import random
-
-    data = bytearray((shared_videos / "derived_juggle_vp9.webm").read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 4096] = random.Random(0).randbytes(4096)
     path = tmp_path / "garbage_vp9.webm"
-    path.write_bytes(bytes(data))
+    break_file(path, "garbage", src=shared_videos / "derived_juggle_vp9.webm")
     return path
 
 
@@ -74,5 +69,5 @@ def demo_root(tmp_path_factory):
     for the whole suite; runs write under demo_root / "runs" / <their own name>."""
     from dali_pipes.synthetic import prepare_demo
     root = tmp_path_factory.mktemp("demo")
-    prepare_demo(root / "demo_data", videos_per_class=2, val_per_class=1, progress=False)
+    prepare_demo(root / "demo_data", progress=False, **DEMO_DATA)
     return root

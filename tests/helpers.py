@@ -1,10 +1,14 @@
-"""Shared test helpers: manifests of the real clips of ../shared/videos, a small config."""
+"""Shared test helpers: manifests of the real clips of ../shared/videos, a small config, clips
+that carry their frame indices, the tiny model and batch of the model tests, broken files."""
 import json
 from pathlib import Path
 
 from config import config_from_dict
 
 T, CROP = 4, 32
+
+# The suite's small demo data (conftest's demo_root, tests/make_golden.py): videos per class
+DEMO_DATA = {"videos_per_class": 2, "val_per_class": 1}
 
 # probe fields of the real clips (values from ../shared/videos/README.md and PyAV)
 CLIPS = {
@@ -128,3 +132,109 @@ def timm_data_module(name: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+# ------------------------------------------------------------------ the tiny model and batch
+
+TINY_HEADS = {"head_hidden": 32, "head_dropout": 0.0, "expander_hidden": 32, "expander_dim": 16}
+
+
+def tiny_backbone(**overrides):
+    """mvitv2_tiny (8 frames, 64 px, 5 blocks) in eval mode; overrides as build_backbone's."""
+    from models import build_backbone
+
+    return build_backbone("mvitv2_tiny", **overrides).eval()
+
+
+def tiny_model(num_classes: dict, seed: int = 0, backbone: "dict | None" = None, **heads):
+    """MultiTrainModel on mvitv2_tiny with small heads (TINY_HEADS, overridable), weights drawn
+    after torch.manual_seed(seed), in training mode."""
+    import torch
+
+    from models import MultiTrainModel, build_backbone
+
+    torch.manual_seed(seed)
+    return MultiTrainModel(build_backbone("mvitv2_tiny", **(backbone or {})), num_classes,
+                           **{**TINY_HEADS, **heads})
+
+
+def tiny_clips(b: int = 2, seed: int = 0):
+    """(b, 3, 8, 64, 64) random clips of the tiny backbone's input size."""
+    import torch
+
+    return torch.randn(b, 3, 8, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_batch(num_classes: dict, b: int = 6, seed: int = 0, masks=None):
+    """(clips, targets, masks) for MultiTrainLoss: sample i belongs to dataset i mod N (or the
+    given (b, N) masks), targets are label-smoothed one-hots (0.9 + 0.1 / C on the label)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    names = list(num_classes)
+    if masks is None:
+        masks = torch.nn.functional.one_hot(torch.arange(b) % len(names), len(names)).double()
+    targets = {n: torch.nn.functional.one_hot(torch.randint(0, c, (b,), generator=g), c).double()
+               * 0.9 + 0.1 / c for n, c in num_classes.items()}
+    return tiny_clips(b, seed), targets, torch.as_tensor(masks, dtype=torch.float64)
+
+
+def linear_resample(table, n: int):
+    """Rows of `table` (L, C) resampled to n rows by linear interpolation between the centres
+    of the old rows, ends held (PyTorch's and PySlowFast's "linear", align_corners False),
+    written out by hand as a reference."""
+    import numpy as np
+
+    table = np.asarray(table)
+    length = table.shape[0]
+    rows = []
+    for i in range(n):
+        x = max((i + 0.5) * length / n - 0.5, 0.0)  # position in the old table
+        lo = min(int(np.floor(x)), length - 1)
+        hi = min(lo + 1, length - 1)
+        rows.append((1 - (x - lo)) * table[lo] + (x - lo) * table[hi])
+    return np.stack(rows)
+
+
+# -------------------------------------------------------------------------- broken files
+
+BREAKS = ("truncated", "garbage", "text", "empty", "deleted", "directory", "fifo")
+
+
+def break_file(path, how: str, src=None, fraction: float = 0.5, seed: int = 0) -> Path:
+    """Makes `path` a broken video and returns it. `src`: the good file it starts from
+    (default: `path` itself, broken in place, e.g. after a manifest listed it).
+
+    truncated: the first `fraction` of src's bytes (the header survives, frames go missing);
+    garbage: src with 4 KiB of random bytes written at `fraction` of its size (FFmpeg logs
+    errors and decodes on); text: a text file; empty: 0 bytes; deleted: no file at all;
+    directory: a directory of that name; fifo: a named pipe (opening it blocks).
+    """
+    import os
+    import random
+
+    path = Path(path)
+    data = Path(src or path).read_bytes() if how in ("truncated", "garbage") else b""
+    if how not in BREAKS:
+        raise ValueError(f"unknown break {how!r}; one of {BREAKS}")
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if how == "truncated":
+        path.write_bytes(data[: int(len(data) * fraction)])
+    elif how == "garbage":
+        data = bytearray(data)
+        at = int(len(data) * fraction)
+        data[at: at + 4096] = random.Random(seed).randbytes(4096)
+        path.write_bytes(bytes(data))
+    elif how == "text":
+        path.write_text("this is not a video\n" * 50)
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "directory":
+        path.mkdir()
+    elif how == "fifo":
+        os.mkfifo(path)
+    return path

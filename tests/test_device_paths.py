@@ -48,9 +48,10 @@ def test_evaluation_on_a_stand_in_device(tmp_path, two_datasets):
         model = runtime.build_model(cfg, {"dali": 3, "h264": 3}).eval()
     loader = build_eval_loader(cfg, "dali", T, CROP, device=META)
     with torch.no_grad():
-        hits = score_batches(model, loader, "dali", "fp32", META)
+        hits, confusion = score_batches(model, loader, "dali", 3, "fp32", META)
     loader.close()
     assert hits.device == META and hits.shape == (2,) and not loader.failed
+    assert confusion.device == META and confusion.shape == (3, 3)
 
 
 def test_bench_e2e_on_a_stand_in_device(tmp_path, two_datasets):

@@ -19,8 +19,8 @@ import runtime
 from dali_pipes import decode_av
 from dali_pipes.decoder import Decoder, Item
 from dali_pipes.faults import InfrastructureError, classify, raise_if_infrastructure, short_error
-from dali_pipes.loader import build_train_loader, read_quarantine
-from helpers import CROP, T, entry, make_cfg, write_manifest
+from dali_pipes.loader import build_train_loader, read_quarantine, reason_kind
+from helpers import CROP, T, break_file, entry, make_cfg, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -63,7 +63,7 @@ def test_truncated_after_probing_is_quarantined_not_black(tmp_path, videos):
     m = write_manifest(tmp_path / "m", entries)  # clips of 8 frames 16 apart: past either half
     cfg = make_cfg(tmp_path, [{"name": "a", "manifest": str(m), "stride": 16}], batch_size=4)
     for path in (vp9, avi):  # keep the header, lose the second half of the frames
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        break_file(path, "truncated", fraction=0.5)
     loader, batches = run_epoch(cfg)
     got = reasons(m)
     assert set(got) == {vp9.name, avi.name}, got
@@ -82,13 +82,7 @@ def test_files_gone_or_replaced_are_quarantined(tmp_path, videos, fault):
     entries = [(bad, 1, probe), entry(videos, "derived_juggle_mjpeg.avi", 0),
                entry(videos, "derived_juggle_vp9.webm", 2), entry(videos, "bbb_vp8_vorbis_1s.webm", 0)]
     cfg, m = one_dataset(tmp_path, entries, batch_size=4, decode_timeout=5.0)
-    bad.unlink()
-    if fault == "directory":
-        bad.mkdir()
-    elif fault == "fifo":
-        os.mkfifo(bad)  # opening it would block until a writer comes
-    elif fault == "empty":
-        bad.write_bytes(b"")
+    break_file(bad, fault)  # a FIFO: opening it would block until a writer comes
     t0 = time.monotonic()
     loader, batches = run_epoch(cfg)
     assert time.monotonic() - t0 < 60  # nothing waits on the FIFO
@@ -241,6 +235,75 @@ def test_replacements_do_not_depend_on_when_other_files_were_found_bad(tmp_path,
     again = late._item_avoiding_bad(0, 0, 3, 5)
     assert (again.video, again.attempt) == (picked.video, picked.attempt)
     assert np.array_equal(again.indices, picked.indices)
+
+
+def test_a_new_loader_skips_an_earlier_runs_quarantine_with_the_same_replacement(tmp_path, videos):
+    """A resumed or restarted run reads quarantine.jsonl: the bad file is never opened again
+    (repaired meanwhile, it would decode and change the batch) and its slots get the videos the
+    first run gave them."""
+    vp9 = videos / "derived_juggle_vp9.webm"
+    bad = break_file(tmp_path / "bad.webm", "text")
+    entries = [entry(videos, "derived_juggle_vp9.webm", 0), (bad, 1, entry(videos, vp9.name, 1)[2]),
+               entry(videos, "derived_juggle_mjpeg.avi", 2), entry(videos, "bbb_vp8_vorbis_1s.webm", 0)]
+    cfg, m = one_dataset(tmp_path, entries, batch_size=2)
+    first, batches = run_epoch(cfg)
+    assert first.num_quarantined == 1 and list(reasons(m)) == ["bad.webm"]
+    bad.write_bytes(vp9.read_bytes())
+    again = build_train_loader(cfg, 8, CROP)
+    assert again.excluded == {"a": {reason_kind(reasons(m)["bad.webm"]): 1}}
+    replayed = list(again.epoch(0))
+    again.close()
+    assert again.num_quarantined == 0 and len(read_quarantine(m)) == 1
+    assert len(replayed) == len(batches) == 2
+    for got, want in zip(replayed, batches):
+        assert got.labels.tolist() == want.labels.tolist() and 1 not in got.labels.tolist()
+        assert torch.equal(got.video, want.video)
+
+
+def test_a_dataset_whose_every_video_fails_stops_the_run_and_says_so(tmp_path, videos):
+    probe = entry(videos, "derived_juggle_vp9.webm", 0)[2]
+    cfg, m = one_dataset(tmp_path, [(tmp_path / f"gone{i}.webm", i, probe) for i in range(3)],
+                         batch_size=1)  # files that were never there
+    loader = build_train_loader(cfg, 8, CROP)
+    with pytest.raises(RuntimeError, match=r"every video of dataset 'a' is quarantined \(see "
+                                           rf"{m}/quarantine.jsonl\)"):
+        list(loader.epoch(0))
+    loader.close()
+    assert loader.num_quarantined == 3
+    assert all("No such file" in r for r in reasons(m).values()) and len(reasons(m)) == 3
+
+
+def test_a_slot_gives_up_after_max_replacements_in_a_row(tmp_path, videos):
+    """Of 40 missing files, the first slot tries its own and 20 replacements (MAX_REPLACEMENTS),
+    each quarantined once, then the batch fails loudly instead of searching on."""
+    from dali_pipes.loader import MAX_REPLACEMENTS
+    probe = entry(videos, "derived_juggle_vp9.webm", 0)[2]
+    cfg, m = one_dataset(tmp_path, [(tmp_path / f"gone{i}.webm", i % 3, probe) for i in range(40)],
+                         batch_size=1)
+    loader = build_train_loader(cfg, 8, CROP)
+    with pytest.raises(RuntimeError, match=f"batch 0 of epoch 0: {MAX_REPLACEMENTS} replacement "
+                                           "videos failed in a row"):
+        list(loader.epoch(0))
+    loader.close()
+    rows = read_quarantine(m)
+    assert loader.num_quarantined == len(rows) == MAX_REPLACEMENTS + 1 == 21
+    assert len({r["path"] for r in rows}) == len(rows)  # no file tried twice
+
+
+def test_a_fallback_decode_past_its_timeout_is_retried_then_quarantined(tmp_path, videos):
+    """H.264 goes through the PyAV fallback on a CPU machine; its decode checks the clock
+    between frames and gives up past data.decode_timeout (twice: a loaded machine gets a second
+    chance), while the DALI-decoded files of the batch go through."""
+    entries = [entry(videos, "carphone_qcif_176x144.mp4", 1), entry(videos, "derived_juggle_vp9.webm", 0),
+               entry(videos, "derived_juggle_mjpeg.avi", 2), entry(videos, "bbb_vp8_vorbis_1s.webm", 0)]
+    cfg, m = one_dataset(tmp_path, entries, batch_size=4, decode_timeout=1e-4)
+    loader, batches = run_epoch(cfg)
+    assert reasons(m) == {"carphone_qcif_176x144.mp4": "decode timeout after 0 s"}
+    assert loader.num_quarantined == 1 and 1 not in batches[0].labels.tolist()
+    with pytest.raises(decode_av.DecodeTimeout, match="decode timeout"):
+        decode_av.decode_frames(str(videos / "carphone_qcif_176x144.mp4"), [100], timeout=1e-4)
+    # the same decode with time enough returns the frame
+    assert decode_av.decode_frames(str(videos / "carphone_qcif_176x144.mp4"), [100]).shape == (1, 144, 176, 3)
 
 
 def test_resume_with_another_world_size_continues_with_the_unseen_samples(tmp_path, videos):

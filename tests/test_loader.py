@@ -8,7 +8,7 @@ import torch
 
 from dali_pipes.loader import build_eval_loader, build_train_loader
 
-from helpers import CROP, T, entry, make_cfg, probe, write_manifest
+from helpers import CROP, T, break_file, entry, make_cfg, probe, write_manifest
 
 
 def collect(loader, epoch):
@@ -58,17 +58,36 @@ def test_resume_mid_epoch_gives_identical_batches(tmp_path, two_datasets):
         ld.close()
 
 
+def test_same_sample_id_same_clip_wherever_it_sits_in_a_batch(tmp_path, two_datasets):
+    """A clip is a function of (seed, epoch, sample id): its temporal start, crop, flip and
+    RandAugment do not depend on its row, its neighbours, the decoder or the loader instance."""
+    cfg = make_cfg(tmp_path, two_datasets)  # RandAugment on (n=2), flips on for "dali"
+    rows = np.array([[0, 0, 10], [1, 3, 11], [0, 0, 12], [0, 2, 13]])  # row 1: the fallback
+    loader = build_train_loader(cfg, T, CROP)
+    a = loader.build_batch(0, 0, rows)
+    b = loader.build_batch(0, 0, rows[::-1])
+    loader.close()
+    for k in range(4):
+        assert torch.equal(a.video[k], b.video[3 - k]), k
+    assert b.sample_ids.tolist() == [13, 12, 11, 10] and b.labels.tolist() == a.labels.tolist()[::-1]
+    assert not torch.equal(a.video[0], a.video[2])  # same video, another sample: another clip
+    other = build_train_loader(cfg, T, CROP)  # e.g. the resumed run
+    c = other.build_batch(0, 0, rows[[2, 0]])
+    other.close()
+    assert torch.equal(c.video[0], a.video[2]) and torch.equal(c.video[1], a.video[0])
+    d = build_train_loader(cfg, T, CROP)
+    assert not torch.equal(d.build_batch(1, 0, rows[:1]).video[0], a.video[0])  # next epoch
+    d.close()
+
+
 def test_corrupt_files_quarantined_and_replaced(tmp_path, videos):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    trunc = bad / "truncated.webm"
-    trunc.write_bytes((videos / "derived_juggle_vp9.webm").read_bytes()[:3000])
-    text = bad / "text.webm"
-    text.write_text("this is not a video\n" * 50)
-    good = entry(videos, "derived_juggle_vp9.webm", 0)
+    vp9 = videos / "derived_juggle_vp9.webm"
+    trunc = break_file(tmp_path / "bad" / "truncated.webm", "truncated", src=vp9, fraction=0.02)
+    text = break_file(tmp_path / "bad" / "text.webm", "text")
     fake = lambda p: (p, 1, probe("vp9", "yuv420p", 640, 360, 72, 24.0, p))  # noqa: E731
-    a = write_manifest(tmp_path / "a", [good, fake(trunc), fake(text),
-                                        entry(videos, "derived_juggle_mjpeg.avi", 2)])
+    # label 1 of dataset "a" is only on the two broken files
+    a = write_manifest(tmp_path / "a", [entry(videos, "derived_juggle_vp9.webm", 0), fake(trunc),
+                                        fake(text), entry(videos, "derived_juggle_mjpeg.avi", 2)])
     b = write_manifest(tmp_path / "b", [entry(videos, "carphone_qcif_176x144.mp4", 0),
                                         entry(videos, "k400_arm_wrestling_340x256.mp4", 1),
                                         entry(videos, "carphone_qcif_176x144.mp4", 2),
@@ -76,6 +95,7 @@ def test_corrupt_files_quarantined_and_replaced(tmp_path, videos):
     cfg = make_cfg(tmp_path, [{"name": "a", "manifest": str(a)}, {"name": "b", "manifest": str(b)}])
     loader = build_train_loader(cfg, T, CROP)
     rows = np.concatenate([r for _, r in loader.sampler.iter_epoch(0)])
+    assert sorted(int(v) for d, v, _ in rows if d == 0) == [0, 1, 2, 3]  # both bad files drawn
     batches = collect(loader, 0)
     assert loader.num_quarantined == 2
     q = [json.loads(ln) for ln in (a / "quarantine.jsonl").read_text().splitlines()]
@@ -83,10 +103,19 @@ def test_corrupt_files_quarantined_and_replaced(tmp_path, videos):
     assert all(r["source"] == "train" and r["reason"] for r in q)
     ids = torch.cat([b.dataset_ids for b in batches])
     assert ids.tolist() == rows[:, 0].tolist()  # replacements come from the same dataset
+    labels = torch.cat([b.labels for b in batches])
+    assert set(labels[ids == 0].tolist()) <= {0, 2}  # a good video of "a" in each bad slot
     for b in batches:
         assert b.video.shape == (4, 3, T, CROP, CROP) and torch.isfinite(b.video).all()
-    # later epochs never draw the quarantined files again and do not re-quarantine them
-    collect(loader, 1)
+    # Later epochs never draw the quarantined files again: now repaired, they would decode
+    # and show up as label-1 rows of "a"; none are, and nothing is quarantined again.
+    for path in (trunc, text):
+        path.write_bytes(vp9.read_bytes())
+    rows = np.concatenate([r for _, r in loader.sampler.iter_epoch(1)])
+    assert sorted(int(v) for d, v, _ in rows if d == 0) == [0, 1, 2, 3]  # the sampler still does
+    batches = collect(loader, 1)
+    ids, labels = torch.cat([b.dataset_ids for b in batches]), torch.cat([b.labels for b in batches])
+    assert (ids == 0).sum() == 4 and set(labels[ids == 0].tolist()) <= {0, 2}
     assert loader.num_quarantined == 2
     assert len((a / "quarantine.jsonl").read_text().splitlines()) == 2
     loader.close()

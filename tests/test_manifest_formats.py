@@ -13,6 +13,7 @@ import pytest
 
 from dali_pipes.manifest import (ManifestError, append_quarantine, build_manifest,
                                  load_manifest, main, read_class_file, ssv2_class_name)
+from helpers import break_file
 
 # Small, quick-to-probe real clips (each decodes in a few ms).
 CLIP = "carphone_qcif_176x144.mp4"
@@ -210,7 +211,9 @@ def test_mit(shared_videos, tmp_path, header, category_style):
     assert json.loads((out / "classes.json").read_text()) == ["clapping", "running"]
     assert [(Path(m["path"]).name, m["label"], m["class_name"]) for m in manifest] == [
         ("a.mp4", 0, "clapping"), ("b.mp4", 1, "running")]
-    assert len(quarantine) == 2
+    reasons = sorted(q["reason"] for q in quarantine)
+    assert len(reasons) == 2 and "'dancing'" in reasons[0] and "not found" in reasons[1], reasons
+    assert "running/c.mp4" in reasons[1]
 
 
 def test_mit_first_row_with_another_extension_is_data(shared_videos, tmp_path):
@@ -259,7 +262,9 @@ def test_activitynet(shared_videos, tmp_path):
            for m in manifest]
     assert got == [("v_vidA.mp4", 1, 1.0, 3.5), ("v_vidA.mp4", 1, 5.0, 10.29),
                    ("vidB.mp4", 0, 0.5, 2.0)]
-    assert sorted(q["reason"].split(" ")[0] for q in quarantine) == ["segment", "video"]
+    reasons = sorted(q["reason"] for q in quarantine)
+    assert reasons[0] == "segment starts at 6.0 s, after the video's end (4.00 s)"
+    assert reasons[1].startswith("video file not found") and "vidC.*" in reasons[1]
     assert summary["probed"] == 2
 
 
@@ -268,18 +273,19 @@ def test_activitynet(shared_videos, tmp_path):
 def test_list_with_real_and_broken_files(shared_videos, tmp_path):
     real = sorted(p for p in shared_videos.iterdir() if p.suffix in (".mp4", ".webm", ".avi"))
     bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "zero.mp4").write_bytes(b"")
-    (bad / "text.mp4").write_text("definitely not a video\n" * 50)
+    break_file(bad / "zero.mp4", "empty")
+    break_file(bad / "text.mp4", "text")
     for name in ("sam2_juggle_720p24.mp4", "k400_arm_wrestling_340x256.mp4"):
-        data = (shared_videos / name).read_bytes()
-        (bad / f"trunc_{name}").write_bytes(data[: len(data) * 3 // 10])
-    data = bytearray((shared_videos / CLIP).read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 4096] = os.urandom(4096)
-    (bad / "garbage.mp4").write_bytes(bytes(data))
-    broken = ["zero.mp4", "text.mp4", "trunc_sam2_juggle_720p24.mp4",
-              "trunc_k400_arm_wrestling_340x256.mp4", "missing.mp4"]
+        break_file(bad / f"trunc_{name}", "truncated", src=shared_videos / name, fraction=0.3)
+    break_file(bad / "garbage.mp4", "garbage", src=shared_videos / CLIP)
+    # each broken file and the words its quarantine row must give
+    broken = {"zero.mp4": "file is empty (0 bytes)",
+              "text.mp4": "not a readable media file",
+              # index up front: the header's 247 frames are promised, 34 decode
+              "trunc_sam2_juggle_720p24.mp4": "header claims 247 frames but only 34 decode",
+              # index at the end: gone with the tail
+              "trunc_k400_arm_wrestling_340x256.mp4": "moov atom not found",
+              "missing.mp4": "does not exist"}
     lines = [f"{p} {i % 3}" for i, p in enumerate(real)]
     lines += [f"bad/{name},1" for name in broken] + ["bad/garbage.mp4 2"]
     ann = tmp_path / "list.txt"
@@ -291,9 +297,9 @@ def test_list_with_real_and_broken_files(shared_videos, tmp_path):
     in_manifest = {m["path"] for m in manifest}
     in_quarantine = {q["path"]: q["reason"] for q in quarantine}
     assert {str(p) for p in real} <= in_manifest
-    for name in broken:
-        reason = in_quarantine[str(bad / name)]
-        assert reason, name
+    for name, words in broken.items():
+        assert words in in_quarantine[str(bad / name)], (name, in_quarantine[str(bad / name)])
+    assert all(q["source"] == "manifest" for q in quarantine)
     # Garbage in the middle may or may not still decode; it must land in exactly one file.
     garbage = str(bad / "garbage.mp4")
     assert (garbage in in_manifest) != (garbage in in_quarantine)

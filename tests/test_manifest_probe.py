@@ -3,6 +3,7 @@
 import pytest
 
 from dali_pipes.probe import ProbeError, probe_video
+from helpers import break_file
 
 # From ../shared/videos/README.md: codec, stored width, height, full-decode frame count,
 # and whether the README calls the clip variable-frame-rate.
@@ -61,8 +62,12 @@ def test_duration_without_header(probes):
 
 
 def test_rotation(probes):
+    """The clip stores landscape frames with a display matrix of -90 degrees (counter-clockwise),
+    which FFmpeg's autorotate shows turned 90 degrees clockwise: rotation 90 (clockwise) is the
+    turn that makes it upright, 270 would show it upside down (tests/test_rotation.py checks
+    the decoded frames end to end)."""
     rot = probes["derived_juggle_rot90_640x360.mp4"]
-    assert rot["rotation"] in (90, 270)
+    assert rot["rotation"] == 90
     assert (rot["display_width"], rot["display_height"]) == (360, 640)
     assert probes["derived_juggle_portrait_360x640.mp4"]["rotation"] == 0
     assert probes["sam2_juggle_720p24.mp4"]["rotation"] == 0
@@ -86,12 +91,6 @@ def test_cheap_mode_agrees_on_good_files(shared_videos, probes):
 
 # ---------------------------------------------------------------- broken files
 
-def _truncated(src, dst, fraction=0.3):
-    data = src.read_bytes()
-    dst.write_bytes(data[: int(len(data) * fraction)])
-    return dst
-
-
 def test_missing_file(tmp_path):
     with pytest.raises(ProbeError, match="does not exist") as err:
         probe_video(tmp_path / "nope.mp4")
@@ -100,15 +99,13 @@ def test_missing_file(tmp_path):
 
 
 def test_zero_bytes(tmp_path):
-    (tmp_path / "empty.mp4").write_bytes(b"")
     with pytest.raises(ProbeError, match="empty"):
-        probe_video(tmp_path / "empty.mp4")
+        probe_video(break_file(tmp_path / "empty.mp4", "empty"))
 
 
 def test_text_named_mp4(tmp_path):
-    (tmp_path / "notes.mp4").write_text("this is not a video\n" * 20)
     with pytest.raises(ProbeError, match="not a readable media file"):
-        probe_video(tmp_path / "notes.mp4")
+        probe_video(break_file(tmp_path / "notes.mp4", "text"))
 
 
 def test_audio_only_has_no_video_stream(tmp_path):
@@ -132,7 +129,7 @@ def test_audio_only_has_no_video_stream(tmp_path):
 def test_truncated_is_rejected(shared_videos, tmp_path, name):
     # sam2 keeps its index up front (header claims 247 frames, data for ~35): the case
     # DALI silently decodes to nothing. k400 has its index at the end: unreadable.
-    bad = _truncated(shared_videos / name, tmp_path / name)
+    bad = break_file(tmp_path / name, "truncated", src=shared_videos / name, fraction=0.3)
     with pytest.raises(ProbeError, match="truncated"):
         probe_video(bad)
     with pytest.raises(ProbeError, match="truncated"):
@@ -158,10 +155,8 @@ def test_probe_error_survives_pickling():
 
 
 def test_directory_is_not_a_file(tmp_path):
-    d = tmp_path / "clip.mp4"
-    d.mkdir()
     with pytest.raises(ProbeError, match="not a regular file"):
-        probe_video(d)
+        probe_video(break_file(tmp_path / "clip.mp4", "directory"))
 
 
 # ---------------------------------------------------------------- decode errors

@@ -83,6 +83,8 @@ def test_draws_reproduce_with_the_seed_and_differ_without_it():
     o2 = mix(video, d, y, np.random.default_rng(9))
     assert torch.equal(o1[0], o2[0]) and torch.equal(o1[2], o2[2])
     assert all(torch.equal(o1[1][k], o2[1][k]) for k in o1[1])
+    o3 = mix(video, d, y, np.random.default_rng(10))  # another seed: another mix
+    assert not torch.equal(o1[0], o3[0]) and not torch.equal(o1[1]["a"], o3[1]["a"])
     draws = {mix.draw(np.random.default_rng(s)) for s in range(20)}
     assert len(draws) == 20 and {c for _, c in draws} == {True, False}
 

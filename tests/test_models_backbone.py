@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_clips
 from models import build_backbone, count_flops
 
 SPEC_PARAMS = {  # SPEC §2 table, 400-class linear head
@@ -109,13 +110,9 @@ def test_tiny_has_two_transitions_and_overrides_apply():
     assert hasattr(net.blocks[1], "proj") and hasattr(net.blocks[1], "pool_skip")
 
 
-def tiny_input(b=2):
-    return torch.randn(b, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
-
-
 def test_drop_path_off_is_deterministic_on_is_not():
     torch.manual_seed(0)
-    x = tiny_input(4)
+    x = tiny_clips(4)
     net = build_backbone("mvitv2_tiny", drop_path=0.0).train()
     assert torch.equal(net(x), net(x))
     net = build_backbone("mvitv2_tiny", drop_path=0.5).train()
@@ -128,7 +125,7 @@ def test_act_checkpoint_same_output_and_grads(kw):
     a = build_backbone("mvitv2_tiny", **kw)
     b = build_backbone("mvitv2_tiny", act_checkpoint=True, **kw)
     b.load_state_dict(a.state_dict())
-    x = tiny_input()
+    x = tiny_clips()
     ya, yb = a(x), b(x)
     ya.square().sum().backward()
     yb.square().sum().backward()
@@ -142,7 +139,7 @@ def test_skip_from_norm_switch_changes_output():
     a = build_backbone("mvitv2_tiny")
     b = build_backbone("mvitv2_tiny", skip_from_norm=False)
     b.load_state_dict(a.state_dict())
-    x = tiny_input()
+    x = tiny_clips()
     assert not torch.allclose(a(x), b(x))
 
 
@@ -154,6 +151,6 @@ def test_wrong_input_size_is_refused():
 def test_dynamo_no_graph_breaks():
     torch._dynamo.reset()
     net = build_backbone("mvitv2_tiny", rel_pos=True, cls_embed=True, act_checkpoint=True)
-    exp = torch._dynamo.explain(net)(tiny_input())
+    exp = torch._dynamo.explain(net)(tiny_clips())
     assert exp.graph_break_count == 0, exp.break_reasons
     assert exp.graph_count == 1

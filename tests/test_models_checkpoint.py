@@ -1,13 +1,11 @@
 """PySlowFast checkpoint import: round trip, interpolation, refusal message."""
 
+import numpy as np
 import pytest
 import torch
 
-from models import MultiTrainModel, build_backbone, load_pyslowfast
-
-
-def tiny(**kw):
-    return build_backbone("mvitv2_tiny", **kw).eval()
+from helpers import linear_resample, tiny_backbone as tiny
+from models import MultiTrainModel, load_pyslowfast
 
 
 def test_round_trip_through_pyth_file(tmp_path):
@@ -37,23 +35,47 @@ def test_loads_into_multitrain_backbone_from_plain_dict():
 def test_interpolates_frames_and_crop():
     torch.manual_seed(0)
     src = tiny(rel_pos=True, abs_pos=True, cls_embed=True)  # 8 frames, 64 px
-    dst = build_backbone("mvitv2_tiny", num_frames=16, crop_size=96, rel_pos=True, abs_pos=True,
-                         cls_embed=True).eval()
+    dst = tiny(num_frames=16, crop_size=96, rel_pos=True, abs_pos=True, cls_embed=True)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
     report = load_pyslowfast(dst, {"model_state": src.state_dict()})
-    assert src.pos_embed_temporal.shape == (1, 4, 32) and dst.pos_embed_temporal.shape == (1, 8, 32)
-    assert src.pos_embed_spatial.shape == (1, 256, 32) and dst.pos_embed_spatial.shape == (1, 576, 32)
     done = " ".join(report["interpolated"])
     assert "pos_embed_spatial (1, 256, 32) -> (1, 576, 32)" in done
     assert "pos_embed_temporal (1, 4, 32) -> (1, 8, 32)" in done
-    assert "blocks.0.attn.rel_pos_h" in done and "blocks.0.attn.rel_pos_t" in done
-    # A constant table stays constant under interpolation: a sanity check on the resampling.
-    flat = tiny()
+    a, b = src.state_dict(), dst.state_dict()
+    resized = {k for k in a if a[k].shape != b[k].shape}
+    # every relative-position table that changed length holds its source, linearly resampled
+    for name in sorted(k for k in resized if "rel_pos" in k):
+        assert name in done
+        want = linear_resample(a[name].numpy(), b[name].shape[0])
+        np.testing.assert_allclose(b[name].numpy(), want, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert {"blocks.0.attn.rel_pos_h", "blocks.0.attn.rel_pos_t"} <= resized  # 31 -> 47, 7 -> 15
+    # the temporal table too (4 -> 8 entries per channel), and the rest copied as it was
+    np.testing.assert_allclose(b["pos_embed_temporal"][0].numpy(),
+                               linear_resample(a["pos_embed_temporal"][0].numpy(), 8), rtol=1e-5, atol=1e-7)
+    for k in set(a) - resized - {"pos_embed_spatial"}:
+        assert torch.equal(b[k], a[k]), k
+    assert not torch.equal(b["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    assert dst(torch.randn(1, 3, 16, 96, 96)).shape == (1, 32 * 4)
+
+
+def test_interpolated_tables_by_hand():
+    """A temporal ramp 0..3 at 4 positions read at 8 (linear between centres, ends held), and a
+    spatial table that varies only down the rows of its 16x16 grid: at 24x24 it still varies
+    only down the rows, rising from top to bottom (rows and columns not swapped)."""
+    src = tiny(abs_pos=True)
     with torch.no_grad():
-        flat.pos_embed_temporal.fill_(0.25)
-    big = build_backbone("mvitv2_tiny", num_frames=16)
-    load_pyslowfast(big, flat.state_dict())
-    torch.testing.assert_close(big.pos_embed_temporal, torch.full((1, 8, 32), 0.25))
-    assert dst(torch.randn(1, 3, 16, 96, 96)).shape == (1, 128)
+        src.pos_embed_temporal.copy_(torch.arange(4.0).view(1, 4, 1).expand(1, 4, 32))
+        rows = torch.arange(16.0).view(16, 1).expand(16, 16).reshape(1, 256, 1)
+        src.pos_embed_spatial.copy_(rows.expand(1, 256, 32))
+    big = tiny(num_frames=16, crop_size=96, abs_pos=True)
+    load_pyslowfast(big, src.state_dict())
+    temporal = big.pos_embed_temporal[0, :, 0].tolist()
+    assert temporal == pytest.approx([0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3], abs=1e-6)
+    grid = big.pos_embed_spatial[0, :, 0].view(24, 24)
+    assert torch.allclose(grid, grid[:, :1].expand(24, 24), atol=1e-5)  # constant along a row
+    column = grid[:, 0]
+    assert (column[1:] >= column[:-1] - 1e-5).all() and column[-1] - column[0] > 14
+    torch.testing.assert_close(big.pos_embed_temporal[0, :, 5], big.pos_embed_temporal[0, :, 0])
 
 
 def test_mismatch_names_every_offending_tensor():

@@ -8,25 +8,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from models import MultiTrainLoss, MultiTrainModel, build_backbone
+from helpers import tiny_batch, tiny_model
+from models import MultiTrainLoss
 
 NC = {"a": 4, "b": 3}
 WORLD = 2
 
 
 def make_model():
-    torch.manual_seed(0)
-    return MultiTrainModel(build_backbone("mvitv2_tiny", drop_path=0.0), NC, head_hidden=32,
-                           head_dropout=0.0, expander_hidden=32, expander_dim=16)
+    return tiny_model(NC)
 
 
 def make_batch():
-    g = torch.Generator().manual_seed(1)
-    b = 6
-    x = torch.randn(b, 3, 8, 64, 64, generator=g)
-    masks = torch.tensor([[1.0, 0], [0, 1], [1, 0], [1, 0], [0.7, 0.3], [0, 1]])
-    targets = {n: torch.softmax(torch.randn(b, c, generator=g) * 3, -1) for n, c in NC.items()}
-    return x, targets, masks
+    # uneven weights, a clip mixed between the two datasets
+    masks = [[1.0, 0], [0, 1], [1, 0], [1, 0], [0.7, 0.3], [0, 1]]
+    return tiny_batch(NC, 6, seed=1, masks=masks)
 
 
 def loss_and_grads(model, x, targets, masks, sizes=None):

@@ -19,6 +19,7 @@ import pytest
 from dali_pipes import report, routing
 from dali_pipes.manifest import append_quarantine, build_manifest, load_manifest, main, reason_kind
 from dali_pipes.sampling import clip_indices
+from helpers import break_file
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -98,9 +99,9 @@ def real_manifest(tmp_path_factory, request):
     if not shared.is_dir():
         pytest.skip(f"real test videos not found at {shared}")
     root = tmp_path_factory.mktemp("real")
-    (root / "empty.mp4").write_bytes(b"")
-    (root / "trunc.mp4").write_bytes((shared / "k400_arm_wrestling_340x256.mp4").read_bytes()
-                                     [:100_000])
+    break_file(root / "empty.mp4", "empty")
+    break_file(root / "trunc.mp4", "truncated", src=shared / "k400_arm_wrestling_340x256.mp4",
+               fraction=0.15)
     clips = sorted(p for p in shared.iterdir() if p.suffix in (".mp4", ".webm", ".avi"))
     lines = [f"{p},{k % 3}" for k, p in enumerate(clips)]
     lines += ["trunc.mp4,1", "empty.mp4,0", "missing.mp4,2"]

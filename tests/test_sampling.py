@@ -9,14 +9,17 @@ from dali_pipes.sampling import (MultiDatasetSampler, clip_indices, test_clip_in
 
 
 def test_clip_indices_stride_and_random_start():
+    """Counted in source frames (target_fps 0): stride apart from a start drawn uniformly from
+    every offset at which the clip fits, the first and the last included."""
     starts = set()
-    for s in range(50):
-        idx = clip_indices(100, 8, 3, np.random.default_rng(s))
+    for s in range(200):
+        idx = clip_indices(30, 8, 3, np.random.default_rng(s))  # span 22: starts 0..8
         assert idx.dtype == np.int32 and idx.shape == (8,)
-        assert np.all(np.diff(idx) == 3) and idx.min() >= 0 and idx.max() < 100
-        starts.add(int(idx[0]))
-    assert len(starts) > 10  # the start is random
-    assert max(starts) <= 100 - 22  # the clip always fits
+        first = int(np.random.default_rng(s).integers(0, 30 - 22 + 1))  # the sampler's draw
+        assert idx.tolist() == [first + 3 * k for k in range(8)]
+        starts.add(first)
+    assert starts == set(range(9))
+    assert clip_indices(30, 8, 3, None).tolist() == [4 + 3 * k for k in range(8)]  # centred
 
 
 def test_short_video_padded_with_last_frame():

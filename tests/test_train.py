@@ -2,6 +2,7 @@
 MViTv2, real checkpoints and TensorBoard files."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,13 +40,13 @@ def test_two_process_gloo_training_then_eval(demo_root):
     run_dir = demo_root / "runs" / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), "--cfg", str(DEMO), f"train.output_dir={run_dir}", "train.max_steps=3",
-           "data.batch_size=2", "optim.global_batch=8", *FAST]
+           "data.batch_size=2", "optim.global_batch=8", "train.ckpt_every=2", "train.keep_ckpts=2", *FAST]
     r = run(cmd, demo_root)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 process(es)" in r.stdout and "2x2x2 = 8" in r.stdout  # batch 2 x 2 ranks x 2 accumulated
 
     ckpts = runtime.list_checkpoints(str(run_dir))
-    assert [os.path.basename(p) for p in ckpts] == ["ckpt_00000003.pt"]
+    assert [os.path.basename(p) for p in ckpts] == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
     state = runtime.load_checkpoint(ckpts[-1])  # weights_only=True
     # 3 steps x 2 accumulated x (2 clips x 2 ranks): the position is in global samples
     assert state["step"] == 3 and state["loader"] == {"epoch": 0, "samples": 24, "quarantined": 0}
@@ -75,6 +76,21 @@ def test_two_process_gloo_training_then_eval(demo_root):
     rel = result["relations"]
     assert rel["total"] == 24  # recovery itself: test_short_demo_run_recovers_relations
     assert len(rel["pairs"]) == 12 and all(len(rows) == 5 for rows in rel["pairs"].values())
+
+    # The 2-rank run resumed mid-epoch from step 2 (2 micro-batches accumulated per step):
+    # step 3 trains on the same samples from the same state as the uninterrupted run.
+    assert runtime.load_checkpoint(ckpts[0])["loader"] == {"epoch": 0, "samples": 16, "quarantined": 0}
+    resumed = demo_root / "runs" / "ddp_resumed"
+    resumed.mkdir()
+    shutil.copy(ckpts[0], resumed)
+    r = run([arg if not arg.startswith("train.output_dir=") else f"train.output_dir={resumed}"
+             for arg in cmd] + NO_VAL, demo_root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "at step 2" in r.stdout and "2x2x2 = 8" in r.stdout
+    again = metrics(resumed)
+    assert sorted(again) == [3]
+    for key in ("loss/total", "loss/cls", "loss/proj", "loss/inf", "grad_norm"):
+        assert again[3][key] == pytest.approx(steps[3][key], rel=1e-5, abs=1e-6), key
 
     # eval.py on the run directory with other views and the inference export.
     out = demo_root / "eval_views.json"
@@ -110,8 +126,9 @@ def test_short_demo_run_recovers_relations(tmp_path):
 
 
 def test_resume_after_sigterm_reproduces_uninterrupted_losses(demo_root):
+    """Stopped mid-epoch and resumed, with 2 micro-batches of 2 clips accumulated per step."""
     common = [sys.executable, str(ROOT / "train.py"), "--cfg", str(DEMO), "train.max_steps=10",
-              "data.batch_size=4", "optim.global_batch=4", "model.head_dropout=0.3",
+              "data.batch_size=2", "optim.global_batch=4", "model.head_dropout=0.3",
               "data.rand_aug_n=2", "data.mixup_prob=1.0", "train.ckpt_every=1000", *FAST, *NO_VAL]
     straight = demo_root / "runs" / "straight"
     r = run(common + [f"train.output_dir={straight}"], demo_root)
@@ -130,8 +147,11 @@ def test_resume_after_sigterm_reproduces_uninterrupted_losses(demo_root):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "stop signal" in out
-    stopped_at = runtime.load_checkpoint(runtime.list_checkpoints(str(cut))[-1])["step"]
+    saved = runtime.load_checkpoint(runtime.list_checkpoints(str(cut))[-1])
+    stopped_at = saved["step"]
     assert 2 <= stopped_at < 10
+    # the position counts samples: 2 micro-batches of 2 clips per step, 13 steps an epoch
+    assert saved["loader"] == {"epoch": 0, "samples": 4 * stopped_at, "quarantined": 0}
 
     r = run(common + [f"train.output_dir={cut}"], demo_root)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -183,17 +203,34 @@ def test_lr_schedule_warmup_then_cosine(tmp_path):
     assert lr_at(cfg, total, spe, total) == pytest.approx(2e-6)
 
 
-def test_no_weight_decay_on_biases_norms_and_tables():
+@pytest.mark.parametrize("tables", ["abs_pos", "rel_pos_cls"])
+def test_no_weight_decay_on_biases_norms_and_tables(tables):
+    """The recipe decays weight matrices only: biases, norms, the class token (1, 1, D) and the
+    position tables, absolute (1, N, D) or relative (2L-1, C), are left alone although the
+    tables have 2 or 3 dimensions like the weights."""
     from train import param_groups
-    cfg = load_config(DEMO, check_paths=False)
+    extra = ["model.rel_pos=true", "model.cls_embed=true"] if tables == "rel_pos_cls" else []
+    cfg = load_config(DEMO, extra, check_paths=False)
     model = runtime.build_model(cfg, {"a": 3, "b": 2})
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in decay["params"])
+    decayed = {names[id(p)] for p in decay["params"]}
     skipped = {names[id(p)] for p in no_decay["params"]}
-    assert any("pos_embed" in n for n in skipped) and any(n.endswith(".bias") for n in skipped)
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decayed.isdisjoint(skipped) and len(decayed) + len(skipped) == len(names)
+    if tables == "rel_pos_cls":
+        want_tables = {f"backbone.blocks.{i}.attn.rel_pos_{a}" for i in range(5) for a in "thw"}
+        want_tables |= {"backbone.cls_token"}
+    else:
+        want_tables = {"backbone.pos_embed_spatial", "backbone.pos_embed_temporal"}
+    tables_found = {n for n in names.values() if "rel_pos" in n or "pos_embed" in n or "cls_token" in n}
+    assert tables_found == want_tables
+    assert want_tables <= skipped
+    one_d = {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert {"backbone.norm.weight", "backbone.blocks.0.attn.qkv.bias", "heads.a.0.bias"} <= one_d
+    assert skipped == one_d | want_tables
+    assert {"backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight",
+            "heads.a.0.weight", "proj.a->b.weight", "expander.0.weight"} <= decayed
 
 
 def test_projection_heads_get_their_own_scaled_learning_rate():
