@@ -30,8 +30,9 @@ def augment_clip(frames: np.ndarray, params: dict, crop: int, mean: Sequence[flo
     x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False)
     oy, ox = min(round(y0 * rh), rh - crop), min(round(x0 * rw), rw - crop)
     x = x[:, :, oy:oy + crop, ox:ox + crop]
-    if "ra_do_affine" in params:
-        x = randaug.apply_torch(x, params, geom_interp)  # (T, 3, crop, crop)
+    if "ra_op0" in params:
+        # The DALI graph augments uint8 frames: round as its resize does. (T, 3, crop, crop)
+        x = randaug.apply_torch(x.round().clamp(0, 255), params, geom_interp)
     if int(params["mirror"]):
         x = x.flip(-1)
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
