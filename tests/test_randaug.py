@@ -90,11 +90,12 @@ def clip(shared_videos) -> np.ndarray:
 _RUNNERS: dict = {}
 
 
-def runner(interp: str) -> P.GraphRunner:
-    if interp not in _RUNNERS:
-        spec = P.GraphSpec(P.TRAIN, P.FRAMES, "cpu", S, MEAN, STD, True, geom_interp=interp)
-        _RUNNERS[interp] = P.GraphRunner(spec, 16, 2, None)
-    return _RUNNERS[interp]
+def runner(interp: str, crop: int = S) -> P.GraphRunner:
+    """The training graph (CPU, RandAugment on), built once per geometry resampling and crop."""
+    if (interp, crop) not in _RUNNERS:
+        spec = P.GraphSpec(P.TRAIN, P.FRAMES, "cpu", crop, MEAN, STD, True, geom_interp=interp)
+        _RUNNERS[interp, crop] = P.GraphRunner(spec, 16, 2, None)
+    return _RUNNERS[interp, crop]
 
 
 def stage_dict(stages, size=S, frame_hw=None, roi=None) -> dict:
@@ -109,9 +110,7 @@ def stage_dict(stages, size=S, frame_hw=None, roi=None) -> dict:
 def run_graph(clips, param_list, interp="nn", roi=((0.0, 0.0), (1.0, 1.0)), crop=S):
     """The real DALI CPU training graph (resize of the window, RandAugment, normalise) ->
     uint8 (T, crop, crop, 3) per clip."""
-    r = runner(interp) if crop == S else P.GraphRunner(
-        P.GraphSpec(P.TRAIN, P.FRAMES, "cpu", crop, MEAN, STD, True, geom_interp=interp),
-        len(clips), 2, None)
+    r = runner(interp, crop)
     out = []
     for i in range(0, len(clips), r.batch_size):
         feed: dict = {"frames": list(clips[i:i + r.batch_size])}
