@@ -95,11 +95,12 @@ class DataConfig:
     crop_size: int = 0
     # Short side before the test crops.
     test_scale: int = 256
-    # RandAugment: number of ops per clip (0 disables); the authors use 4 ops at magnitude 7.
+    # RandAugment (timm's rand-m7-n4-mstd0.5-inc1, docs/data.md): ops drawn per clip, each
+    # applied with probability 0.5 (0 disables; at most 4, the graph's stages).
     rand_aug_n: int = 4
     # RandAugment magnitude (0..10 scale of the original paper).
     rand_aug_m: float = 7.0
-    # Standard deviation of the per-clip magnitude noise (authors: 0.5).
+    # Standard deviation of each op's magnitude noise (authors: 0.5).
     rand_aug_m_std: float = 0.5
     # Random erasing per clip (PySlowFast/timm, the MViTv2 recipe's AUG.RE_PROB 0.25, "pixel"
     # mode, one box): probability that a clip gets one box, the same on all its frames, of

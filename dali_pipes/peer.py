@@ -32,8 +32,9 @@ def augment_clip(frames: np.ndarray, params: dict, crop: int, mean: Sequence[flo
     x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False)
     oy, ox = min(round(y0 * rh), rh - crop), min(round(x0 * rw), rw - crop)
     x = x[:, :, oy:oy + crop, ox:ox + crop]
-    if "ra_do_affine" in params:
-        x = randaug.apply_torch(x, params, geom_interp)  # (T, 3, crop, crop)
+    if "ra_op0" in params:
+        # The DALI graph augments uint8 frames: round as its resize does. (T, 3, crop, crop)
+        x = randaug.apply_torch(x.round().clamp(0, 255), params, geom_interp)
     if int(params["mirror"]):
         x = x.flip(-1)
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
@@ -99,14 +100,27 @@ def peer_loader(dataset: PeerDataset, batch_size: int, workers: int = 2):
 
 def measure_peer(dataset: PeerDataset, batch_size: int, workers: int = 2,
                  warmup_batches: int = 2) -> dict:
-    """Clips/s of the peer over the whole dataset after `warmup_batches` batches."""
-    n, t0 = 0, None
+    """Clips/s of the peer over the whole dataset after `warmup_batches` batches, and its CPU
+    time per clip over all batches (this process plus the workers, which end with the loop):
+    unlike clips/s, hardly moved by other jobs on the machine."""
+    n, t0, total = 0, None, 0
+    cpu0, kids0 = time.process_time(), _children_cpu_s()
     for i, batch in enumerate(peer_loader(dataset, batch_size, workers)):
         if i == warmup_batches:
             t0, n = time.perf_counter(), 0
         n += batch.shape[0]
+        total += batch.shape[0]
     elapsed = time.perf_counter() - t0
-    return {"clips": n, "seconds": elapsed, "clips_per_s": n / elapsed}
+    cpu = time.process_time() - cpu0 + _children_cpu_s() - kids0
+    return {"clips": n, "seconds": elapsed, "clips_per_s": n / elapsed,
+            "cpu_ms_per_clip": 1000.0 * cpu / total}
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished child processes."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def peer_dataset(loader, num_samples: int, crop_size: int, mean, std,

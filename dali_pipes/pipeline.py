@@ -79,7 +79,9 @@ def draw_train_params(rng: np.random.Generator, height: int, width: int, crop: i
     p = {"roi_start": np.asarray(start, np.float32), "roi_end": np.asarray(end, np.float32),
          "mirror": np.array(int(mirror), np.int32)}
     if rand_aug_n > 0:
-        p.update(randaug.draw_rand_augment(rng, rand_aug_n, rand_aug_m, rand_aug_m_std, crop))
+        # Geometric ops are relative to the frame (as the reference augments before cropping).
+        p.update(randaug.draw_rand_augment(rng, rand_aug_n, rand_aug_m, rand_aug_m_std, crop,
+                                           (height, width), (start, end)))
     return p
 
 

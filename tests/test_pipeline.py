@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from dali_pipes import pipeline as P
-from dali_pipes import randaug
 from dali_pipes.decode_av import DecodeError, decode_frames
 from dali_pipes.sampling import sample_rng
 from helpers import frame_indices_of, to_pixels, write_indexed_clip
@@ -127,91 +126,6 @@ def test_flip_all_or_nothing():
     assert int(noflip["mirror"]) == 0
 
 
-FAMILIES = ["ra_do_affine", "ra_do_autocontrast", "ra_do_tone", "ra_do_color", "ra_do_sharp",
-            "ra_do_post", "ra_do_sol"]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_each_randaugment_family_changes_the_clip(family):
-    r = _train_runner()
-    clip = _static_clip(2)
-    base = {**_params(0, n=0), **randaug.identity_params()}
-    op = dict(base)
-    op[family] = np.array(True)
-    op["ra_affine"] = np.array([[1, 0.3, -5], [0, 1, 0]], np.float32)
-    op["ra_color"] = (randaug._colour_matrix("contrast", 0.5) @ randaug._colour_matrix("color", 0.2))[:3].astype(np.float32)
-    op["ra_tone_scale"], op["ra_tone_shift"] = np.float32(0.6), np.float32(40.0)
-    op["ra_sharp"] = randaug._sharp_kernel(1.9)
-    op["ra_post_mask"] = np.array(0xF0, np.uint8)
-    op["ra_sol_thr"] = np.array(100, np.uint8)
-    out = r.run(_feed([clip, clip], [base, op]))
-    assert (out[0] - out[1]).abs().mean() > 0.01
-
-
-def _ra_only(**changes) -> dict:
-    """Identity RandAugment on a full-frame 32x32 window, with `changes` applied."""
-    p = {**randaug.identity_params(), "mirror": np.array(0, np.int32),
-         "roi_start": np.zeros(2, np.float32), "roi_end": np.ones(2, np.float32)}
-    return {**p, **{k: np.asarray(v, p[k].dtype) for k, v in changes.items()}}
-
-
-def _pixels(out: torch.Tensor) -> np.ndarray:
-    """(3, T, H, W) normalised output -> (T, H, W, 3) in 0..255 (STD and MEAN are per channel
-    equal here)."""
-    return (out.permute(1, 2, 3, 0).numpy() * STD[0] + MEAN[0]).round(3)
-
-
-def test_tone_fast_path_equals_the_colour_matrix():
-    """brightness/contrast run through fn.brightness_contrast, a "color" pick through the 3x4
-    matrix; for a scalar map both must give the same pixels, and that map's exact values."""
-    clip = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    a, b = 1.3 * 0.7, 128 * 0.3 * 1.3 - 12.0
-    tone = _ra_only(ra_do_tone=True, ra_tone_scale=a, ra_tone_shift=b)
-    matrix = _ra_only(ra_do_color=True, ra_color=np.hstack([a * np.eye(3), np.full((3, 1), b)]))
-    out = _train_runner().run(_feed([clip, clip], [tone, matrix]))
-    assert torch.equal(out[0], out[1])
-    want = np.clip(clip * np.float32(a) + np.float32(b), 0, 255)
-    assert np.abs(_pixels(out[0]) - want).max() <= 0.5 + 1e-3
-
-
-def test_autocontrast_stretches_each_channel_keeps_flat_ones_and_applies_the_tone():
-    rng = np.random.default_rng(4)
-    clip = np.empty((2, 32, 32, 3), np.uint8)
-    clip[..., 0] = rng.integers(40, 181, (2, 32, 32))  # stretched to 0..255
-    clip[..., 1] = rng.integers(0, 256, (2, 32, 32))
-    clip[..., 2] = 90  # flat: PIL leaves it alone
-    lo, hi = clip.reshape(-1, 3).min(0).astype(float), clip.reshape(-1, 3).max(0).astype(float)
-    stretched = np.where(hi > lo, (clip - lo) * 255 / np.maximum(hi - lo, 1), clip)
-    a, b = 0.8, 20.0
-    plain = _ra_only(ra_do_autocontrast=True)
-    toned = _ra_only(ra_do_autocontrast=True, ra_tone_scale=a, ra_tone_shift=b)
-    out = _train_runner().run(_feed([clip, clip], [plain, toned]))
-    got = _pixels(out[0])
-    assert got[..., 0].min() == 0 and got[..., 0].max() == 255
-    assert np.array_equal(got[..., 2], clip[..., 2])
-    assert np.abs(got - stretched).max() <= 0.5 + 1e-3
-    assert np.abs(_pixels(out[1]) - np.clip(stretched * a + b, 0, 255)).max() <= 0.5 + 1e-3
-
-
-def test_colour_picks_route_to_one_path():
-    """Per clip, the composed colour map goes to exactly one place: the 3x4 matrix when a
-    "color" op mixed channels, else the scalar tone (run alone, or by autocontrast)."""
-    seen = set()
-    for s in range(300):
-        p = randaug.draw_rand_augment(sample_rng(s, 0, 0), 4, 9.0, 0.5, 32)
-        m, tone = p["ra_color"], (float(p["ra_tone_scale"]), float(p["ra_tone_shift"]))
-        assert not (p["ra_do_tone"] and p["ra_do_color"])
-        if p["ra_do_color"]:
-            assert tone == (1.0, 0.0) and not np.allclose(m[:, :3], m[0, 0] * np.eye(3))
-            seen.add("matrix")
-        else:
-            assert np.array_equal(m, np.eye(3, 4, dtype=np.float32))
-            if tone != (1.0, 0.0):
-                assert bool(p["ra_do_tone"]) != bool(p["ra_do_autocontrast"])
-                seen.add("tone+autocontrast" if p["ra_do_autocontrast"] else "tone")
-    assert seen == {"matrix", "tone", "tone+autocontrast"}
-
-
 def test_output_arrays_are_reused_only_when_released():
     r = _train_runner(rand_aug=False)
     clip = np.random.default_rng(5).integers(0, 256, (4, 48, 64, 3), dtype=np.uint8)
@@ -328,47 +242,3 @@ def test_gpu_train_graph_outputs_cuda_tensor():
     ref = cpu.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "order": [np.arange(4, dtype=np.int32)],
                    "indices": [np.arange(4, dtype=np.int32)], **{k: [v] for k, v in p.items()}})
     assert (out.cpu() - ref).abs().mean() < 0.1
-
-
-def _family_case(family: str) -> tuple:
-    """A smooth 2-frame 32x32 clip and parameters that switch on one RandAugment family.
-    Frames are crop-sized and the window is the full frame, so both resizes are the identity
-    and only the RandAugment ops are compared."""
-    yy, xx = np.mgrid[0:32, 0:32]
-    img = (np.stack([xx * 5, yy * 6, (xx + yy) * 3], -1) * 0.7
-           + ((xx // 4 + yy // 4) % 2)[..., None] * 60).clip(0, 255).astype(np.uint8)
-    clip = np.ascontiguousarray(np.broadcast_to(img, (2, 32, 32, 3)))
-    p = _ra_only(**{family: True},
-                 ra_affine=randaug._geometry("rotate", 0.5, 1.0, 32)[:2],
-                 ra_color=(randaug._colour_matrix("brightness", 1.3)
-                           @ randaug._colour_matrix("color", 0.4))[:3],
-                 ra_tone_scale=1.4, ra_tone_shift=-30.0, ra_sharp=randaug._sharp_kernel(0.2),
-                 ra_post_mask=0xE0, ra_sol_thr=120)
-    return clip, p
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_torch_peer_applies_the_same_randaugment(family):
-    """The throughput peer's torch ops match the DALI graph (so both do the same work)."""
-    from dali_pipes.peer import augment_clip
-    clip, p = _family_case(family)
-    spec = P.GraphSpec(P.TRAIN, P.FRAMES, "cpu", 32, MEAN, STD, True, geom_interp="linear")
-    dali = P.GraphRunner(spec, 1, 1, None).run(_feed([clip], [p]))[0]
-    peer = augment_clip(clip, p, 32, MEAN, STD, "linear")
-    ident = augment_clip(clip, {**p, family: np.array(False)}, 32, MEAN, STD, "linear")
-    diff = ((dali - peer).abs() * STD[0]).mean().item()  # in 0..255 units
-    effect = ((ident - peer).abs() * STD[0]).mean().item()
-    assert diff < 2.0 and effect > 3 * diff, (diff, effect)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_randaugment_family_matches_cpu(family):
-    """The GPU graph computes some families differently (autocontrast as arithmetic, its
-    operands on the GPU): same pixels as the CPU graph, to rounding."""
-    clip, p = _family_case(family)
-    out = {}
-    for device, device_id in (("cpu", None), ("mixed", 0)):
-        spec = P.GraphSpec(P.TRAIN, P.FRAMES, device, 32, MEAN, STD, True, geom_interp="linear")
-        out[device] = P.GraphRunner(spec, 1, 1, device_id).run(_feed([clip], [p]))[0].cpu()
-    assert ((out["mixed"] - out["cpu"]).abs() * STD[0]).mean().item() < 1.0

@@ -53,19 +53,22 @@ def build_cfg(manifest: Path, args):
 
 
 def measure_dali(loader, clips: int) -> dict:
-    """Clips/s of TrainLoader batches over `clips` clips after one warm-up batch."""
-    n, t0, epoch = 0, None, 0
+    """Clips/s of TrainLoader batches over `clips` clips after one warm-up batch, and the CPU
+    time per clip of this process (DALI's threads included)."""
+    n, t0, cpu0, epoch = 0, None, None, 0
     while n < clips:
         for batch in loader.epoch(epoch):
             if t0 is None:
                 t0 = time.perf_counter()  # first batch: pipeline build + warm-up
+                cpu0 = time.process_time()
                 continue
             n += batch.video.shape[0]
             if n >= clips:
                 break
         epoch += 1
     return {"clips": n, "seconds": time.perf_counter() - t0,
-            "clips_per_s": n / (time.perf_counter() - t0)}
+            "clips_per_s": n / (time.perf_counter() - t0),
+            "cpu_ms_per_clip": 1000.0 * (time.process_time() - cpu0) / n}
 
 
 def main(argv=None) -> int:
@@ -99,22 +102,26 @@ def main(argv=None) -> int:
     peer_set = peer_dataset(loader, args.clips + 2 * args.batch, args.crop, cfg.data.mean,
                             cfg.data.std)
     # Alternating rounds and medians: other processes on a shared machine shift single runs.
-    rounds = []
+    rounds, cpu = [], []
     for r in range(args.rounds):
-        dali = measure_dali(loader, args.clips)["clips_per_s"]
-        peer = measure_peer(peer_set, args.batch, args.workers)["clips_per_s"]
+        d, p = measure_dali(loader, args.clips), measure_peer(peer_set, args.batch, args.workers)
+        dali, peer = d["clips_per_s"], p["clips_per_s"]
         rounds.append((dali, peer))
-        print(f"round {r}: DALI {dali:6.1f} clips/s | peer {peer:6.1f} clips/s | {dali / peer:.2f}x",
-              flush=True)
+        cpu.append((d["cpu_ms_per_clip"], p["cpu_ms_per_clip"]))
+        print(f"round {r}: DALI {dali:6.1f} clips/s | peer {peer:6.1f} clips/s | {dali / peer:.2f}x"
+              f" | CPU ms/clip DALI {cpu[-1][0]:.1f}, peer {cpu[-1][1]:.1f}", flush=True)
     loader.close()
     dali, peer = (float(np.median([x[k] for x in rounds])) for k in (0, 1))
     ratio = float(np.median([d / p for d, p in rounds]))
+    cpu_dali, cpu_peer = (float(np.median([x[k] for x in cpu])) for k in (0, 1))
     print(f"files: {manifest} | clip {args.frames}x{args.stride}, crop {args.crop}, batch "
           f"{args.batch}, RandAugment n={args.rand_aug_n} (geometry: {loader.geom_interp}), "
           f"DALI threads {args.threads}, peer workers {args.workers}, {args.clips} clips/round")
     print(f"DALI  : {dali:7.1f} clips/s (median of {args.rounds} rounds)")
     print(f"peer  : {peer:7.1f} clips/s [PyAV + torch DataLoader, same files and parameters]")
     print(f"ratio : {ratio:.2f}x (median of per-round ratios; target >= 1.5x)")
+    print(f"CPU   : DALI {cpu_dali:.1f} ms/clip, peer {cpu_peer:.1f} ms/clip, peer/DALI "
+          f"{cpu_peer / cpu_dali:.2f}x (medians; other jobs move this much less than clips/s)")
     return 0
 
 
