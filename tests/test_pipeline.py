@@ -180,15 +180,15 @@ def test_bytes_and_frames_entries_agree(indexed):
     window = {"roi_start": np.zeros(2, np.float32), "roi_end": np.ones(2, np.float32),
               "mirror": np.array(0, np.int32)}  # the whole frame, unflipped
     outs = []
-    for p in (window, _params(8, crop=32, n=3, h=64, w=64)):  # plain, then augmented
-        rand_aug = "ra_affine" in p
+    for p in (window, _params(8, crop=32, n=3, h=64, w=64), _params(9, crop=32, n=3, h=64, w=64)):
+        rand_aug = "ra_op0" in p
         rb = P.GraphRunner(P.GraphSpec(P.TRAIN, P.BYTES, "cpu", 32, MEAN, STD, rand_aug), 2, 2, None)
         out_b = rb.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "indices": [unique],
                         "order": [order], **{k: [v] for k, v in p.items()}})
         out_f = _train_runner(rand_aug).run({**_feed([decode_frames(path, unique)], [p]),
                                              "order": [order]})
         outs.append((out_b, out_f))
-    (plain_b, plain_f), (aug_b, aug_f) = outs
+    (plain_b, plain_f), (aug_b, aug_f), (other_b, _) = outs  # plain, augmented, other draw
     assert frame_indices_of(to_pixels(plain_b[0])) == clip
     assert frame_indices_of(to_pixels(plain_f[0])) == clip
     # the same pixels to rounding, away from the corner block's edges (chroma upsampling of
@@ -196,7 +196,9 @@ def test_bytes_and_frames_entries_agree(indexed):
     assert (plain_b - plain_f)[..., 10:, 10:].abs().max() < 1.5 / 57.375
     assert (plain_b - plain_f).abs().mean() < 1.5 / 57.375
     assert torch.equal(aug_b[0, :, 2], aug_b[0, :, 3])  # the repeated frame 9
-    assert (aug_b - aug_f).abs().mean() < 1.5 / 57.375  # the same augmentation of both
+    # the same augmentation of both: per-frame statistics (Equalize, AutoContrast) and bit
+    # ops can amplify the decoders' one-level differences, but far less than another draw
+    assert (aug_b - aug_f).abs().mean() < (aug_b - other_b).abs().mean() / 4
 
 
 # ----------------------------------------------------------------------- eval graph ---
