@@ -208,7 +208,7 @@ class Decoder:
             inputs = {"encoded": [it.encoded for it in items], "indices": [it.unique for it in items]}
         else:
             inputs = {"frames": [it.frames for it in items]}
-        inputs["order"] = [it.order for it in items]
+        inputs.update(P.order_inputs([it.order for it in items]))
         for it in items:
             for name, value in it.params.items():
                 inputs.setdefault(name, []).append(value)

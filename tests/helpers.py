@@ -239,8 +239,3 @@ def break_file(path, how: str, src=None, fraction: float = 0.5, seed: int = 0) -
         os.mkfifo(path)
     return path
 
-
-def identity_order(frames):
-    """The graphs' "order" input for a clip whose frames are all distinct and in order."""
-    import numpy as np
-    return np.arange(len(frames), dtype=np.int32)

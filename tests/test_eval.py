@@ -29,7 +29,7 @@ def test_eval_views_are_crops_of_frames_resized_to_test_scale():
     frames = frames.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
     spec = P.GraphSpec(P.EVAL, P.FRAMES, "cpu", crop, MEAN, STD, num_spatial=3, test_scale=scale)
     out = P.GraphRunner(spec, 1, 1, None).run(
-        {"frames": [frames], "order": [np.arange(t_clips * clip_len, dtype=np.int32)],
+        {"frames": [frames], **P.order_inputs([np.arange(t_clips * clip_len)]),
          **{k: [v] for k, v in P.eval_inputs(3, h, w).items()}})
     loader = EvalLoader.__new__(EvalLoader)  # only its view splitting
     loader.temporal, loader.num_frames = t_clips, clip_len

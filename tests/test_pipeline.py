@@ -88,7 +88,7 @@ def _params(seed, crop=32, n=2, m=9.0, flip=True, h=48, w=64):
 
 def _feed(frames_list, params_list):
     """Graph inputs of clips whose frames are all distinct (the "order" is the identity)."""
-    inputs = {"frames": frames_list, "order": [np.arange(len(f), dtype=np.int32) for f in frames_list]}
+    inputs = {"frames": frames_list, **P.order_inputs([np.arange(len(f)) for f in frames_list])}
     for p in params_list:
         for k, v in p.items():
             inputs.setdefault(k, []).append(v)
@@ -149,7 +149,7 @@ def test_same_sample_id_same_clip():
     enc = np.fromfile(path, dtype=np.uint8)
     def inputs(ids):
         feed = {"encoded": [enc] * len(ids), "indices": [np.arange(0, 8, 2, dtype=np.int32)] * len(ids),
-                "order": [np.arange(4, dtype=np.int32)] * len(ids)}
+                **P.order_inputs([np.arange(4)] * len(ids))}
         for i in ids:
             p = P.draw_train_params(sample_rng(5, 1, i), 360, 640, 32, "scale", [40, 48],
                                     [0.08, 1], True, 4, 7.0, 0.5)
@@ -184,9 +184,9 @@ def test_bytes_and_frames_entries_agree(indexed):
         rand_aug = "ra_op0" in p
         rb = P.GraphRunner(P.GraphSpec(P.TRAIN, P.BYTES, "cpu", 32, MEAN, STD, rand_aug), 2, 2, None)
         out_b = rb.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "indices": [unique],
-                        "order": [order], **{k: [v] for k, v in p.items()}})
+                        **P.order_inputs([order]), **{k: [v] for k, v in p.items()}})
         out_f = _train_runner(rand_aug).run({**_feed([decode_frames(path, unique)], [p]),
-                                             "order": [order]})
+                                             **P.order_inputs([order])})
         outs.append((out_b, out_f))
     (plain_b, plain_f), (aug_b, aug_f), (other_b, _) = outs  # plain, augmented, other draw
     assert frame_indices_of(to_pixels(plain_b[0])) == clip
@@ -210,7 +210,7 @@ def test_eval_views_are_crops_of_the_resized_frames_temporal_major():
     frames[:] = rng.integers(0, 256, (t_clips * T, h, w, 3), dtype=np.uint8)
     spec = P.GraphSpec(P.EVAL, P.FRAMES, "cpu", c, MEAN, STD, num_spatial=3, test_scale=h)
     out = P.GraphRunner(spec, 1, 2, None).run(
-        {"frames": [frames], "order": [np.arange(t_clips * T, dtype=np.int32)],
+        {"frames": [frames], **P.order_inputs([np.arange(t_clips * T)]),
          **{k: [v] for k, v in P.eval_inputs(3, h, w).items()}})
     assert out.shape == (1, 3, 3, t_clips * T, c, c)  # (N, S, 3, t*T, c, c)
     from dali_pipes.loader import EvalLoader
@@ -237,10 +237,10 @@ def test_gpu_train_graph_outputs_cuda_tensor():
     path = video("derived_juggle_vp9.webm")
     r = P.GraphRunner(P.GraphSpec(P.TRAIN, P.BYTES, "mixed", 32, MEAN, STD, True), 2, 2, 0)
     p = _params(1, n=4, h=360, w=640)
-    out = r.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "order": [np.arange(4, dtype=np.int32)],
+    out = r.run({"encoded": [np.fromfile(path, dtype=np.uint8)], **P.order_inputs([np.arange(4)]),
                  "indices": [np.arange(4, dtype=np.int32)], **{k: [v] for k, v in p.items()}})
     assert out.is_cuda and out.shape == (1, 3, 4, 32, 32)
     cpu = P.GraphRunner(P.GraphSpec(P.TRAIN, P.BYTES, "cpu", 32, MEAN, STD, True), 2, 2, None)
-    ref = cpu.run({"encoded": [np.fromfile(path, dtype=np.uint8)], "order": [np.arange(4, dtype=np.int32)],
+    ref = cpu.run({"encoded": [np.fromfile(path, dtype=np.uint8)], **P.order_inputs([np.arange(4)]),
                    "indices": [np.arange(4, dtype=np.int32)], **{k: [v] for k, v in p.items()}})
     assert (out.cpu() - ref).abs().mean() < 0.1

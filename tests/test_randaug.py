@@ -15,7 +15,7 @@ from dali_pipes import pipeline as P
 from dali_pipes import randaug as R
 from dali_pipes.decode_av import decode_frames
 from dali_pipes.sampling import sample_rng
-from helpers import identity_order, timm_data_module
+from helpers import timm_data_module
 
 S = 96  # crop side of the op tests: frames are S x S, so the graph's resize is the identity
 MEAN, STD = (114.75,) * 3, (57.375,) * 3  # equal per channel: outputs map back to 0..255
@@ -100,7 +100,7 @@ def run_graph(clips, param_list, interp="nn", roi=((0.0, 0.0), (1.0, 1.0)), crop
     out = []
     for i in range(0, len(clips), r.batch_size):
         frames = list(clips[i:i + r.batch_size])
-        feed: dict = {"frames": frames, "order": [identity_order(c) for c in frames]}
+        feed: dict = {"frames": frames, **P.order_inputs([np.arange(len(c)) for c in frames])}
         for p in param_list[i:i + r.batch_size]:
             full = {**p, "mirror": np.array(0, np.int32),
                     "roi_start": np.asarray(roi[0], np.float32),
@@ -396,7 +396,7 @@ def test_torch_peer_gives_the_graphs_clips(clip):
                                   False, 4, 7.0, 0.5) for s in seeds]
     spec = P.GraphSpec(P.TRAIN, P.FRAMES, "cpu", S, MEAN, STD, True, geom_interp="linear")
     r = P.GraphRunner(spec, len(params), 2, None)
-    feed: dict = {"frames": [clip] * len(params), "order": [identity_order(clip)] * len(params)}
+    feed: dict = {"frames": [clip] * len(params), **P.order_inputs([np.arange(len(clip))] * len(params))}
     for p in params:
         for k, v in p.items():
             feed.setdefault(k, []).append(v)
@@ -421,7 +421,7 @@ def test_gpu_stage_matches_cpu(clip, op):
     out = {}
     for device, device_id in (("cpu", None), ("mixed", 0)):
         spec = P.GraphSpec(P.TRAIN, P.FRAMES, device, S, MEAN, STD, True, geom_interp="linear")
-        feed = {"frames": [clip], "order": [identity_order(clip)], **{k: [v] for k, v in p.items()}}
+        feed = {"frames": [clip], **P.order_inputs([np.arange(len(clip))]), **{k: [v] for k, v in p.items()}}
         out[device] = P.GraphRunner(spec, 1, 1, device_id).run(feed)[0].cpu()
     d = (out["mixed"] - out["cpu"]).abs() * STD[0]  # 0..255 units
     # Same formulas, different float evaluation order: rounding may differ by one level.
