@@ -141,7 +141,10 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int,
         loss.backward()
         optimizer.step()
 
-    b = largest_batch(step, inputs, batch_search, env.device) if batch_search else cfg.data.batch_size
+    b = largest_batch(step, inputs, batch_search, env.device, optimizer) if batch_search \
+        else cfg.data.batch_size
+    if batch_search and cfg.model.compile:
+        torch._dynamo.reset()  # the search's sizes made the graph dynamic; time the static one
     batch = inputs(b)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
@@ -166,19 +169,24 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int,
             "act_checkpoint": cfg.model.act_checkpoint, "compile": cfg.model.compile}
 
 
-def largest_batch(step, inputs, candidates, device: torch.device) -> int:
-    """The largest of `candidates` whose training step fits in the device's memory."""
+def largest_batch(step, inputs, candidates, device: torch.device, optimizer=None) -> int:
+    """The largest of `candidates` whose training step fits in the device's memory. cuBLAS and
+    cuDNN report a failed allocation as a RuntimeError, not OutOfMemoryError."""
     for b in sorted(set(int(c) for c in candidates), reverse=True):
         fits = False
         try:
             step(inputs(b))
             sync(device)
             fits = True
-        except torch.OutOfMemoryError:
-            pass
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not isinstance(exc, torch.OutOfMemoryError) and "ALLOC_FAILED" not in str(exc) \
+                    and "out of memory" not in str(exc):
+                raise
         print(f"  batch search: {b} {'fits' if fits else 'is out of memory'}", flush=True)
         if fits:
             return b
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)  # the failed step's gradients
         if device.type == "cuda":  # after the except block: its traceback held the tensors
             torch.cuda.empty_cache()
     raise RuntimeError(f"none of the batch sizes {sorted(candidates)} fits in memory")

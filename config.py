@@ -326,7 +326,7 @@ _RANGES = {
     "data.fallback_workers": (1, None, True), "data.decode_timeout": (0, None, False),
     "data.crop_size": (0, None, True), "data.test_scale": (1, None, True),
     "data.target_fps": (0, None, True),
-    "data.rand_aug_n": (0, None, True), "data.rand_aug_m": (0, 10, True),
+    "data.rand_aug_n": (0, 4, True), "data.rand_aug_m": (0, 10, True),  # 4: randaug.STAGES
     "data.rand_aug_m_std": (0, None, True), "data.mixup_alpha": (0, None, True),
     "data.random_erase_prob": (0, 1, True),
     "data.cutmix_alpha": (0, None, True), "data.mixup_prob": (0, 1, True),

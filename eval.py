@@ -160,13 +160,16 @@ def relation_report(model, classes: dict, relations_path: str) -> dict:
 
 
 def evaluate(model, cfg: Config, env: runtime.Env, num_frames: int, crop: int, classes: dict,
-             should_stop=None) -> dict:
+             should_stop=None, stop_between=None) -> dict:
     """Scores every dataset that has a val_manifest: what eval.json holds, plus each dataset's
     confusion matrix (numpy, written apart by save_results). `should_stop()` is asked after
-    every batch: True raises EvaluationStopped."""
+    every batch and `stop_between()` before every dataset (a collective vote under DDP):
+    True raises EvaluationStopped."""
     model.eval()
     results = {"datasets": {}}
     for ds in cfg.data.datasets:
+        if ds.val_manifest and stop_between is not None and stop_between():
+            raise EvaluationStopped(f"evaluation stopped by a signal before {ds.name}")
         if ds.val_manifest:
             r = results["datasets"][ds.name] = evaluate_dataset(model, cfg, env, ds.name,
                                                                 num_frames, crop, should_stop)

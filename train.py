@@ -120,22 +120,23 @@ class StopFlag:
     the next step; a second Ctrl-C exits at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signal, self._said = False, None, False
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        # Only flags here: printing from a handler can interrupt a print of the loop itself.
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt  # the second Ctrl-C: leave now, unsaved
-        if not self.requested:
-            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step, then "
-                  "exiting" + (" (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""),
-                  flush=True)
-        self.requested = True
+        self.requested, self.signal = True, signal.Signals(signum).name
 
     def agreed(self, env: runtime.Env) -> bool:
         """All ranks stop at the same step, whichever of them got the signal. The vote is on
         CPU tensors over gloo: no wait for the GPU."""
+        if self.requested and not self._said:
+            self._said = True
+            print(f"\n{self.signal}: saving a checkpoint, then exiting" +
+                  (" (Ctrl-C again to exit at once)" if self.signal == "SIGINT" else ""), flush=True)
         if not env.distributed:
             return self.requested
         flag = torch.tensor([float(self.requested)])
@@ -156,8 +157,6 @@ def checkpoint_state(cfg, model, optimizer, scaler, position, step, nonfinite, m
         "loader": position,
         "step": step, "epoch": position["epoch"], "nonfinite": nonfinite,
         "eval_pending": eval_pending,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "config": config_to_dict(cfg),
         "meta": meta,
     }
@@ -173,21 +172,33 @@ def save_checkpoint(env, cfg, run_dir, state) -> str:
     return path
 
 
-def resume_state(args, run_dir: str):
-    """(path, state) to resume from, or (None, None); the lineage it continues is made the
-    only one in the run folder (runtime.latest_checkpoint, runtime.set_aside_later)."""
+def resume_state(args, run_dir: str, env: runtime.Env):
+    """(path, state) to resume from, or (None, None). Rank 0 chooses and makes the lineage it
+    continues the only one in the run folder (unreadable newer checkpoints renamed
+    *.unreadable, later ones *.superseded); the other ranks then load the same file."""
     if args.resume == "none":
         return None, None
+    path = None
+    if env.is_main:
+        path = _choose_checkpoint(args, run_dir)
+    if env.distributed:
+        box = [path]
+        dist.broadcast_object_list(box, src=0, group=env.control_group)
+        path = box[0]
+    return (path, runtime.load_checkpoint(path)) if path else (None, None)
+
+
+def _choose_checkpoint(args, run_dir: str):
     if args.resume == "auto":
         path, state = runtime.latest_checkpoint(run_dir, set_aside=True)
     elif not os.path.isfile(args.resume):
         raise ConfigError(f"--resume {args.resume}: no such checkpoint")
     else:
         path, state = args.resume, runtime.load_checkpoint(args.resume)
-    if state is not None and os.path.dirname(os.path.abspath(path)) == os.path.abspath(run_dir):
+    if state is not None:
         for moved in runtime.set_aside_later(run_dir, state["step"]):
             print(f"resuming from step {state['step']}: {moved} renamed *.superseded", flush=True)
-    return path, state
+    return path
 
 
 def restore(state, model, optimizer, scaler, loader) -> None:
@@ -195,9 +206,6 @@ def restore(state, model, optimizer, scaler, loader) -> None:
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     loader.load_state_dict(state["loader"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if torch.cuda.is_available() and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
 # ---------------------------------------------------------------- logging
@@ -206,11 +214,12 @@ class StepStats:
     """Per-step values summed on the device and read once per log interval (one host sync
     instead of one per value and step). Steps with a non-finite loss are counted, not summed."""
 
-    def __init__(self):
+    def __init__(self, run: int = 0):
         self.sums: dict = {}
         self.steps = 0
         self.skipped = None  # () device count of skipped steps in the interval
-        self.run = None  # () device count of non-finite steps in a row, carried over intervals
+        # () device count of non-finite steps in a row, carried over intervals (and resumes)
+        self.run = float(run) if run else None
         self.worst_run = None  # () longest such run in the interval
 
     def add(self, values: dict, finite: torch.Tensor) -> None:
@@ -456,7 +465,7 @@ def main(argv=None) -> int:
 
     # ---- resume
     step, epoch, nonfinite, eval_pending = 0, 0, 0, False
-    ckpt_path, state = resume_state(args, run_dir)
+    ckpt_path, state = resume_state(args, run_dir, env)
     if state is not None:
         restore(state, model, optimizer, scaler, loader)
         step, epoch, nonfinite = state["step"], state["epoch"], state["nonfinite"]
@@ -487,7 +496,7 @@ def main(argv=None) -> int:
     logger.routes(loader, step)
 
     # ---- loop
-    stats, speed, waited, busy_t0 = StepStats(), runtime.Throughput(), 0.0, time.perf_counter()
+    stats, speed, waited, busy_t0 = StepStats(nonfinite), runtime.Throughput(), 0.0, time.perf_counter()
     run_t0, steps_at_start = time.perf_counter(), step
     # Waiting for a batch is cut short by a signal in one process; ranks must stop together.
     waiting_stop = None if env.distributed else (lambda: stop.requested)
@@ -503,7 +512,10 @@ def main(argv=None) -> int:
             if len(batches) < accum:
                 continue
             set_lr(optimizer, lr_at(cfg, step, steps_per_epoch, total_steps))
-            rng = np.random.default_rng([cfg.train.seed, step])  # erasing/mixup reproduce on resume
+            # Random erasing, mixup, drop path and dropout: a function of (seed, step, rank),
+            # different on every rank and the same on resume (no generator state to restore).
+            rng = np.random.default_rng([cfg.train.seed, step, env.rank])
+            torch.manual_seed(int(rng.integers(2**62)))
             values, finite = train_step(train_model, ddp, loss_fn, batches, augment, optimizer,
                                         scaler, cfg, precision, rng)
             stats.add(values, finite)
@@ -538,11 +550,12 @@ def main(argv=None) -> int:
                 return finish_stopped(env, logger, loader, step)
             if last_of_epoch:
                 break
-        if stop.agreed(env):  # a signal while waiting for data: save where the steps stopped
-            save_checkpoint(env, cfg, run_dir, checkpoint_state(  # (unstepped batches replay)
-                cfg, model, optimizer, scaler, loader.state_dict(pending=len(batches)), step,
-                nonfinite, meta))
-            return finish_stopped(env, logger, loader, step)
+        else:  # the epoch's batches ended without a break: a signal cut the wait for data
+            if stop.agreed(env):  # save where the steps stopped (unstepped batches replay)
+                save_checkpoint(env, cfg, run_dir, checkpoint_state(
+                    cfg, model, optimizer, scaler, loader.state_dict(pending=len(batches)), step,
+                    nonfinite, meta))
+                return finish_stopped(env, logger, loader, step)
         epoch += 1
         if step == total_steps or every(epoch, cfg.train.eval_every):
             if not run_evaluation(env, cfg, model, loader, logger, step, num_frames, crop,
@@ -661,8 +674,11 @@ def run_evaluation(env, cfg, model, loader, logger, step, num_frames, crop, run_
         return True
     plain = runtime.unwrap(model)
     try:
+        # Ranks' batch counts differ: a per-batch stop only in one process, otherwise a vote
+        # between datasets (every rank votes as often).
         results = evaluate(plain, cfg, env, num_frames, crop, loader.classes,
-                           should_stop=lambda: stop.requested)  # local: ranks' batch counts differ
+                           should_stop=None if env.distributed else (lambda: stop.requested),
+                           stop_between=lambda: stop.agreed(env))
     except EvaluationStopped:
         return False
     if env.is_main:

@@ -55,7 +55,7 @@ def resolve_decode_device(cfg, device: torch.device) -> str:
     return "cpu"
 
 
-def gpu_formats(device_index: int) -> frozenset:
+def gpu_formats(device_index: int) -> dict:
     """What this GPU's NVDEC decodes, asked of the driver; a missing libnvcuvid stops the run."""
     from dali_pipes import nvdec
     try:

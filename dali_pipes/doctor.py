@@ -65,7 +65,7 @@ def check_packages(report: Report) -> dict:
 
 # ---------------------------------------------------------------------------------- GPU ---
 
-def check_gpu(report: Report, versions: dict, device_index: int = 0) -> Optional[frozenset]:
+def check_gpu(report: Report, versions: dict, device_index: int = 0) -> Optional[dict]:
     """Driver, GPU, CUDA versions and NVDEC; returns the formats NVDEC decodes (None: no GPU)."""
     try:
         info = nvdec.query(device_index)
@@ -83,7 +83,7 @@ def check_gpu(report: Report, versions: dict, device_index: int = 0) -> Optional
     _cuda_versions(report, info.driver_version, versions)
     report.add("NVDEC (libnvcuvid)", True, nvdec.nvcuvid_loadable()[1])
     _container_check(report)
-    supported = frozenset(f for f, c in info.formats.items() if c["supported"])
+    supported = {f: (*c["min"], *c["max"]) for f, c in info.formats.items() if c["supported"]}
     names = sorted(f"{c} {ch[0]}:{ch[1]}:{ch[2]} {d}-bit" for c, ch, d in supported)
     report.add("NVDEC formats", bool(supported), ", ".join(names) or "none")
     return supported

@@ -32,8 +32,11 @@ _RULES = [
      "the decoder cannot take this video format (a routing gap, not a broken file)",
      "run `python -m dali_pipes.doctor --cfg <config>` to see the routing; report the format "
      "(codec, pixel format) and set data.decode_device=cpu meanwhile"),
-    (r"illegal memory access|unspecified launch failure|device-side assert|CUDA_ERROR_\w+"
-     r"|cudaError\w*|CUDA error|context is destroyed|NCCL error",
+    # Named context-wide failures only: DALI wraps the per-file NVDEC calls in CUDA_CALL too,
+    # so an unknown CUDA_ERROR_* is left to the canary (does a file that decoded still decode?).
+    (r"illegal memory access|unspecified launch failure|device-side assert|CUDA_ERROR_ILLEGAL_"
+     r"|CUDA_ERROR_LAUNCH_FAILED|CUDA_ERROR_ECC_UNCORRECTABLE|CUDA_ERROR_CONTEXT_IS_DESTROYED"
+     r"|context is destroyed|NCCL error",
      "the CUDA context is broken (every later GPU call fails)",
      "restart the run; if it recurs, check the GPU with nvidia-smi and the driver logs (dmesg)"),
     (r"Too many open files|EMFILE",
@@ -55,7 +58,7 @@ def raise_if_infrastructure(exc: BaseException, where: str = "") -> None:
     """Re-raises `exc` as InfrastructureError (cause and fix) when it is the machine's fault."""
     if isinstance(exc, InfrastructureError):
         raise exc
-    if isinstance(exc, (MemoryError, KeyboardInterrupt, SystemExit)):
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         raise exc
     found = classify(f"{type(exc).__name__}: {exc}")
     if found:

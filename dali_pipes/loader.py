@@ -178,7 +178,7 @@ class TrainLoader:
         """Position in global samples (all ranks): a resume with another world size continues
         with exactly the unseen samples. `pending`: batches handed out but not trained on (an
         unfinished accumulation), which a resume hands out again."""
-        return {"epoch": self._epoch, "samples": (self._step - pending) * self.global_batch,
+        return {"epoch": self._epoch, "samples": max(self._step - pending, 0) * self.global_batch,
                 "quarantined": self.num_quarantined}
 
     def load_state_dict(self, state: dict) -> None:
@@ -438,6 +438,10 @@ class EvalLoader:
         self._decoder = Decoder(cfg, P.EVAL, crop_size, self.device, self.batch_size,
                                 num_spatial=self.spatial)
         self.failed: list = []  # (video index, reason) of videos that could not be decoded
+        # Videos an earlier evaluation quarantined: counted as failed again, not re-decoded
+        # and not written twice (rebuilding the manifest re-probes them).
+        self._known_bad = {r.get("path"): r.get("reason", "") for r in read_quarantine(ds.val_manifest)
+                           if r.get("source") == "eval"}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -464,7 +468,9 @@ class EvalLoader:
         from dali_pipes.manifest import append_quarantine
 
         for lo in range(0, len(self.indices), self.batch_size):
-            vids = self.indices[lo: lo + self.batch_size]
+            vids = [v for v in self.indices[lo: lo + self.batch_size] if not self._skip_known(v)]
+            if not vids:
+                continue
             items = [self.make_item(v) for v in vids]
             outs, errs = self._decoder.run(items)
             keep = [k for k, e in enumerate(errs) if e is None]
@@ -479,6 +485,12 @@ class EvalLoader:
             yield EvalBatch(to_device(video, self.device), self.name,
                             to_device(labels, self.device),
                             torch.tensor([vids[k] for k in keep], dtype=torch.long))
+
+    def _skip_known(self, video: int) -> bool:
+        reason = self._known_bad.get(self.records[video]["path"])
+        if reason is not None:
+            self.failed.append((video, reason))
+        return reason is not None
 
     def close(self) -> None:
         self._decoder.close()

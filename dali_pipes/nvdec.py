@@ -95,18 +95,27 @@ def query(device_index: int = 0,
                    f"{version.value // 1000}.{version.value % 1000 // 10}")
     wanted = list(formats) if formats is not None else [
         (c, ch, d) for c in CODEC_IDS for ch in ("420", "422", "444") for d in (8, 10)]
+    # cuda.h maps these names to their _v2 entry points; the unversioned v1 push would want a
+    # context current on no thread, and torch has made the primary one current already.
+    push, pop, release = (_entry(cuda, name) for name in
+                          ("cuCtxPushCurrent", "cuCtxPopCurrent", "cuDevicePrimaryCtxRelease"))
     ctx = ctypes.c_void_p()
     _check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
     try:
-        _check(cuda.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
+        _check(push(ctx), "cuCtxPushCurrent")
         try:
             for fmt in wanted:
                 info.formats[tuple(fmt)] = _caps(cuvid, *fmt)
         finally:
-            cuda.cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p()))
+            pop(ctypes.byref(ctypes.c_void_p()))
     finally:
-        cuda.cuDevicePrimaryCtxRelease(dev)
+        release(dev)
     return info
+
+
+def _entry(lib, name: str):
+    """The _v2 driver entry point of `name` where the driver has one (cuda.h's mapping)."""
+    return getattr(lib, name + "_v2", None) or getattr(lib, name)
 
 
 def _caps(cuvid, codec: str, chroma: str, depth: int) -> dict:
@@ -116,21 +125,23 @@ def _caps(cuvid, codec: str, chroma: str, depth: int) -> dict:
     caps.eCodecType, caps.eChromaFormat = CODEC_IDS[codec], CHROMA_IDS[chroma]
     caps.nBitDepthMinus8 = max(0, int(depth) - 8)
     rc = cuvid.cuvidGetDecoderCaps(ctypes.byref(caps))
-    if rc != 0:
-        raise NvdecUnavailable(f"cuvidGetDecoderCaps({codec} {chroma} {depth}-bit) failed with "
-                               f"CUDA driver error {rc}")
+    if rc != 0:  # a combination this driver does not know: not decodable here
+        return {"supported": False, "max": [0, 0], "error": int(rc)}
     return {"supported": bool(caps.bIsSupported), "nvdecs": int(caps.nNumNVDECs),
+            "min": [int(caps.nMinWidth), int(caps.nMinHeight)],
             "max": [int(caps.nMaxWidth), int(caps.nMaxHeight)]}
 
 
 _CACHE: dict = {}
 
 
-def supported_formats(device_index: int) -> frozenset:
-    """(codec, chroma, depth) this GPU's NVDEC decodes; asked of the driver once per process."""
+def supported_formats(device_index: int) -> dict:
+    """{(codec, chroma, depth): (min_w, min_h, max_w, max_h)} of what this GPU's NVDEC decodes,
+    asked of the driver once per process (files outside the sizes go to the fallback)."""
     if device_index not in _CACHE:
         info = query(device_index)
-        _CACHE[device_index] = frozenset(f for f, c in info.formats.items() if c["supported"])
+        _CACHE[device_index] = {f: (*c["min"], *c["max"]) for f, c in info.formats.items()
+                                if c["supported"]}
     return _CACHE[device_index]
 
 

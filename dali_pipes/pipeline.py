@@ -302,5 +302,5 @@ class GraphRunner:
         stream = torch.cuda.current_stream(self.device_id)
         dst = torch.empty(tensor.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}")
         feed_ndarray(tensor, dst, cuda_stream=stream)
-        stream.synchronize()  # sync point (loader thread): DALI reuses this buffer next run
+        stream.synchronize()  # SYNC POINT (loader thread): DALI reuses this buffer next run
         return dst

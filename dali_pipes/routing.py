@@ -86,8 +86,9 @@ def route(probe: dict, decode_device: str,
           nvdec_formats: Optional[Iterable[tuple]] = None) -> tuple[str, str]:
     """(route, reason) of one probed file for decode_device "cpu" or "mixed" (NVDEC).
 
-    `nvdec_formats`: the (codec, chroma, depth) this GPU's NVDEC decodes (driver query or
-    NVDEC_BY_ARCH); None means every 4:2:0 8-bit format DALI's GPU decoder accepts.
+    `nvdec_formats`: the (codec, chroma, depth) this GPU's NVDEC decodes (NVDEC_BY_ARCH), or a
+    mapping of them to (min_w, min_h, max_w, max_h) from the driver; None means every 4:2:0
+    8-bit format DALI's GPU decoder accepts.
     """
     rotation = int(probe.get("rotation", 0) or 0) % 360
     if rotation:
@@ -104,11 +105,16 @@ def route(probe: dict, decode_device: str,
         return DALI_CPU, fmt
     if codec not in DALI_GPU_CODECS:
         return PYAV, f"{codec or 'unknown codec'}: not in DALI's GPU decoder"
-    hw = DALI_VERIFIED if nvdec_formats is None else frozenset(nvdec_formats)
+    hw = DALI_VERIFIED if nvdec_formats is None else nvdec_formats
     if (codec, chroma, depth) not in hw:
         return PYAV, f"{fmt}: not decoded by this GPU's NVDEC"
     if (codec, chroma, depth) not in DALI_VERIFIED:
         return PYAV, f"{fmt}: DALI NVDEC output unverified"
+    limits = hw.get((codec, chroma, depth)) if isinstance(hw, dict) else None
+    w, h = int(probe.get("width", 0) or 0), int(probe.get("height", 0) or 0)
+    if limits and w and h and not (limits[0] <= w <= limits[2] and limits[1] <= h <= limits[3]):
+        return PYAV, (f"{w}x{h}: outside this GPU's NVDEC sizes for {codec} "
+                      f"({limits[0]}x{limits[1]} to {limits[2]}x{limits[3]})")
     return NVDEC, fmt
 
 

@@ -98,6 +98,10 @@ def test_a_video_failing_in_evaluation_is_quarantined_and_left_out(val_manifest)
     (row,) = read_quarantine(val_manifest)
     assert row["source"] == "eval" and row["path"].endswith(f"c{BROKEN}.webm")
     assert row["reason"] == loader.failed[0][1] and "video decoder" in row["reason"]
+    again = build_eval_loader(config(val_manifest), "v", 4, 64)  # the next evaluation
+    assert [int(i) for b in again for i in b.video_ids] == ids
+    again.close()
+    assert again.failed == loader.failed and len(read_quarantine(val_manifest)) == 1  # no 2nd row
 
 
 def test_accuracy_counts_only_scored_videos_and_eval_json_says_how_many_failed(val_manifest, tmp_path):

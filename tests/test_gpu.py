@@ -28,7 +28,9 @@ def test_driver_reports_nvdec_formats_and_routing_follows_them():
     info = nvdec.query(0)
     arch = routing.arch_of(*info.capability)
     # the planning table never promises what this GPU's driver denies
-    assert not (routing.NVDEC_BY_ARCH[arch] & routing.DALI_VERIFIED) - formats, arch
+    assert not (routing.NVDEC_BY_ARCH[arch] & routing.DALI_VERIFIED) - set(formats), arch
+    tiny = {"codec": "h264", "pix_fmt": "yuv420p", "width": 16, "height": 16}
+    assert routing.route(tiny, "mixed", formats)[0] == routing.PYAV  # below NVDEC's minimum
     assert routing.route({"codec": "mjpeg", "pix_fmt": "yuvj420p"}, "mixed", formats)[0] == routing.PYAV
 
 

@@ -73,3 +73,12 @@ def test_summary_counts_routes_and_reasons():
     assert s["summary"] == {NVDEC: 0, DALI_CPU: 2, PYAV: 2}
     assert s["reasons"][PYAV] == {"h264: not in DALI's CPU decoder": 1, "rotation 90": 1}
     assert s["reasons"][DALI_CPU] == {"vp9": 1, "vp8": 1}
+
+
+def test_sizes_outside_the_drivers_limits_go_to_pyav():
+    """The driver's answer carries NVDEC's size range per format (cuvidGetDecoderCaps)."""
+    limits = {("hevc", "420", 8): (144, 144, 8192, 8192)}
+    small = p("hevc", width=128, height=96)
+    assert route(small, "mixed", limits) == (PYAV, "128x96: outside this GPU's NVDEC sizes for "
+                                                   "hevc (144x144 to 8192x8192)")
+    assert route(p("hevc", width=640, height=360), "mixed", limits)[0] == NVDEC
