@@ -316,12 +316,10 @@ class Logger:
 
     def routes(self, loader, step: int) -> None:
         """How many files of each dataset each decoder reads (data/routes/<dataset>/<route>)."""
-        from dali_pipes import routing
         if not self.env.is_main:
             return
-        for d, name in enumerate(loader.names):
-            summary = routing.summarize(loader.route(r) for r in loader.records[d])["summary"]
-            for route, count in summary.items():
+        for name, routes in loader.route_summaries().items():
+            for route, count in routes["summary"].items():
                 self.tb.add_scalar(f"data/routes/{name}/{route}", count, step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
@@ -602,8 +600,7 @@ def describe_data(loader) -> list[str]:
     from dali_pipes import routing
     names = {routing.NVDEC: "NVDEC", routing.DALI_CPU: "DALI CPU", routing.PYAV: "PyAV fallback"}
     lines = []
-    for d, name in enumerate(loader.names):
-        routes = routing.summarize(loader.route(r) for r in loader.records[d])
+    for d, (name, routes) in enumerate(loader.route_summaries().items()):
         parts = []
         for r, count in routes["summary"].items():
             if count:

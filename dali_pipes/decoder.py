@@ -131,8 +131,10 @@ class Decoder:
         self.read(items)
         outs: list = [None] * len(items)
         errs: list = [it.error for it in items]
-        fb = [i for i, it in enumerate(items) if errs[i] is None and self.uses_fallback(it)]
-        dali = [i for i, it in enumerate(items) if errs[i] is None and i not in set(fb)]
+        pending = [i for i in range(len(items)) if errs[i] is None]
+        fallback = {i for i in pending if self.uses_fallback(items[i])}  # routed once per item
+        fb = [i for i in pending if i in fallback]
+        dali = [i for i in pending if i not in fallback]
         futures = [self._submit_frames(items[i]) for i in fb]  # decode while DALI runs
         self._run_graph(P.BYTES, dali, items, outs, errs)
         ok = []

@@ -165,6 +165,7 @@ class TrainLoader:
         self.quarantined: dict = {}  # dataset name -> {reason kind: count}, this run
         self.num_quarantined = 0
         self._epoch, self._step = 0, 0  # position of the consumer (what the step has used)
+        self._route_summaries = None
         self._lock = threading.Lock()
         self._decode_lock = threading.Lock()  # one producer at a time uses the DALI graphs
         self._stream = LoaderStream(self.device)
@@ -172,6 +173,15 @@ class TrainLoader:
     def route(self, record: dict) -> tuple[str, str]:
         """(decoder, reason) of a manifest record: dali_pipes/routing.py on this machine."""
         return self._decoder.route(record)
+
+    def route_summaries(self) -> dict:
+        """{dataset: routing.summarize(...)} of every record, computed once (a pass over a
+        Kinetics-size manifest is not free) for the console and TensorBoard."""
+        from dali_pipes import routing
+        if self._route_summaries is None:
+            self._route_summaries = {name: routing.summarize(self.route(r) for r in recs)
+                                     for name, recs in zip(self.names, self.records)}
+        return self._route_summaries
 
     # ---------------------------------------------------------------------------- state ---
     def state_dict(self, pending: int = 0) -> dict:
