@@ -194,32 +194,28 @@ def largest_batch(step, inputs, candidates, device: torch.device, optimizer=None
 
 class Progress:
     """One progress line every ~10% of the iterations (lines stay readable in a log file), the
-    rate measured from the end of the first timed iteration: a batch prefetched during warm-up
-    arrives at once, and counting it would report an absurd first rate."""
+    rate measured from the end of the first timed iteration (a peer.Window): a batch
+    prefetched during warm-up arrives at once, and counting it would report an absurd rate."""
 
     def __init__(self, mode: str, total: int, per_iter: int):
+        from dali_pipes.peer import Window
         self.mode, self.total, self.per_iter = mode, total, per_iter
         self.every = max(1, total // 10)
-        self.done, self.t_first, self.t_last = 0, None, None
+        self.done, self.window = 0, Window()
 
     def tick(self, sync_device: torch.device | None = None) -> None:
         self.done += 1
         if sync_device is not None and (self.done == 1 or self.done == self.total
                                         or self.done % self.every == 0):
             sync(sync_device)  # sync point: a rate needs the device's work finished
-        now = time.perf_counter()
-        if self.done == 1:
-            self.t_first = now
-        self.t_last = now
+        self.window.tick(self.per_iter)
         if self.done > 1 and (self.done % self.every == 0 or self.done == self.total):
             print(f"  {self.mode}: {self.done}/{self.total} iterations, {self.rate():.1f} clips/s",
                   flush=True)
 
     def rate(self) -> float:
         """Clips/s over iterations 2..done (the first only starts the clock)."""
-        if self.done < 2:
-            return float("nan")
-        return self.per_iter * (self.done - 1) / max(self.t_last - self.t_first, 1e-9)
+        return self.window.rate()
 
 
 class TimedRun:
@@ -250,7 +246,7 @@ class TimedRun:
 
     def finish(self) -> tuple[float, float]:
         """(clips/s, share of the timed span spent waiting for data)."""
-        span = max(self.progress.t_last - self.progress.t_first, 1e-9)
+        span = max(self.progress.window.seconds, 1e-9)
         return self.progress.rate(), min(self.waited / span, 1.0)
 
 

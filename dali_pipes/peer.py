@@ -9,8 +9,9 @@ Used by tools/data_throughput.py and bench.py --mode data-peer / data-decord / d
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -98,29 +99,99 @@ def peer_loader(dataset: PeerDataset, batch_size: int, workers: int = 2):
                                        prefetch_factor=2 if workers else None)
 
 
+class Window:
+    """Clips/s and CPU time per clip between batch arrivals, as a steady state: the clock
+    starts at the first arrival (that batch, and any work done before it, is not counted)
+    and stops at the last, so start-up, prefetched batches and tear-down stay outside.
+
+    cpu_seconds: a callable sampled at the first and last arrival (CPU seconds of everything
+    that does the work, e.g. this process and its DataLoader workers); None: no CPU figure."""
+
+    def __init__(self, cpu_seconds: Optional[Callable[[], float]] = None):
+        self.cpu_seconds = cpu_seconds
+        self.t_first = self.t_last = None
+        self.cpu_first = self.cpu_last = None
+        self.clips = 0  # counted: arrivals after the first
+        self.arrivals = 0
+
+    def tick(self, clips: int) -> None:
+        now = time.perf_counter()
+        cpu = self.cpu_seconds() if self.cpu_seconds is not None else None
+        self.arrivals += 1
+        if self.t_first is None:
+            self.t_first, self.cpu_first = now, cpu
+        else:
+            self.clips += clips
+        self.t_last, self.cpu_last = now, cpu
+
+    @property
+    def seconds(self) -> float:
+        return (self.t_last - self.t_first) if self.t_first is not None else 0.0
+
+    def rate(self) -> float:
+        """Counted clips / seconds between the first and the last arrival (nan before two)."""
+        if not self.clips:
+            return float("nan")
+        return self.clips / max(self.seconds, 1e-9)
+
+    def cpu_ms_per_clip(self) -> float:
+        if not self.clips or self.cpu_first is None:
+            return float("nan")
+        return 1000.0 * (self.cpu_last - self.cpu_first) / self.clips
+
+    def result(self) -> dict:
+        return {"clips": self.clips, "seconds": self.seconds, "clips_per_s": self.rate(),
+                "cpu_ms_per_clip": self.cpu_ms_per_clip()}
+
+
+def warmup_rounds(warmup_batches: int, workers: int) -> int:
+    """Warm-up batches rounded up to whole rounds of the DataLoader's workers (at least one)."""
+    w = max(1, workers)
+    return -(-max(1, warmup_batches) // w) * w
+
+
 def measure_peer(dataset: PeerDataset, batch_size: int, workers: int = 2,
                  warmup_batches: int = 2) -> dict:
-    """Clips/s of the peer over the whole dataset after `warmup_batches` batches, and its CPU
-    time per clip over all batches (this process plus the workers, which end with the loop):
-    unlike clips/s, hardly moved by other jobs on the machine."""
-    n, t0, total = 0, None, 0
-    cpu0, kids0 = time.process_time(), _children_cpu_s()
-    for i, batch in enumerate(peer_loader(dataset, batch_size, workers)):
-        if i == warmup_batches:
-            t0, n = time.perf_counter(), 0
-        n += batch.shape[0]
-        total += batch.shape[0]
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0 + _children_cpu_s() - kids0
-    return {"clips": n, "seconds": elapsed, "clips_per_s": n / elapsed,
-            "cpu_ms_per_clip": 1000.0 * cpu / total}
+    """Clips/s and CPU ms/clip of the peer after its warm-up batches (`warmup_rounds`): the
+    clock starts when the last of them arrives (a Window). Workers finish their batches in
+    step, so the window holds whole rounds of them; starting it at a batch whose twin from
+    the other worker arrives just after would count work done before the clock started (20%
+    too fast with 2 workers and 12 batches). The dataset holds warm-up + timed samples."""
+    loader = peer_loader(dataset, batch_size, workers)
+    it = iter(loader)
+    procs = [w.pid for w in getattr(it, "_workers", [])]  # DataLoader worker processes
+    window = Window(lambda: time.process_time() + sum(_process_cpu_s(p) for p in procs))
+    first = warmup_rounds(warmup_batches, workers) - 1
+    for i, batch in enumerate(it):
+        if i >= first:
+            window.tick(batch.shape[0])
+    return window.result()
 
 
-def _children_cpu_s() -> float:
-    """User + system CPU seconds of this process's finished child processes."""
-    import resource
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def measure_loader(loader, clips: int) -> dict:
+    """Clips/s and CPU ms/clip (this process, DALI's threads included) of a TrainLoader over
+    `clips` clips after its first batch (pipeline build and warm-up), across epochs. The
+    window closes at the last counted arrival, before the epoch's threads are torn down: a
+    batch in flight then is waited for, but it is not the loader's throughput."""
+    window, epoch = Window(time.process_time), 0
+    while window.clips < clips:
+        for batch in loader.epoch(epoch):
+            window.tick(batch.video.shape[0])
+            if window.clips >= clips:
+                break
+        epoch += 1
+    return window.result()
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc; 0 where unreadable, e.g.
+    after it exited: the window then misses that process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peer_dataset(loader, num_samples: int, crop_size: int, mean, std,
@@ -147,7 +218,7 @@ def peer_throughput(cfg, num_frames: int, crop_size: int, batches: int = 10, war
     if missing:
         return {"skipped": missing}
     loader = build_train_loader(cfg, num_frames, crop_size)  # sampler + parameters only
-    bs = cfg.data.batch_size
+    bs, warmup = cfg.data.batch_size, warmup_rounds(warmup, workers)
     data = peer_dataset(loader, (batches + warmup) * bs, crop_size, cfg.data.mean, cfg.data.std,
                         decoder)
     try:

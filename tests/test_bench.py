@@ -100,3 +100,81 @@ def test_progress_rate_starts_the_clock_at_the_first_iteration():
         progress.tick()
     assert 20 < progress.rate() <= 40.5  # never above 40: sleeps only overshoot
     assert progress.done == 5
+
+
+def _sleepy_dataset(n: int, seconds: float):
+    """A Dataset whose samples take `seconds` of sleep each: a known true rate."""
+    import time
+
+    import torch
+
+    class Sleepy(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, k):
+            time.sleep(seconds)
+            return torch.zeros(3)
+
+    return Sleepy()
+
+
+@pytest.mark.parametrize("warmup", [2, 3])
+def test_peer_rate_counts_only_work_done_inside_the_window(warmup):
+    """2 workers, 4 clips a batch, 25 ms a clip: each worker delivers a batch every 0.1 s, the
+    two in step, so the true rate is 80 clips/s. Starting the clock at the third batch while
+    counting it (and its twin arriving just after) reported 93 (96 in theory: 12 batches in 5
+    rounds); a warm-up of 3 batches is rounded up to 2 whole rounds of the workers."""
+    from dali_pipes.peer import measure_peer
+    r = measure_peer(_sleepy_dataset(14 * 4, 0.025), batch_size=4, workers=2,
+                     warmup_batches=warmup)
+    assert r["clips"] == (14 - 4 if warmup == 3 else 12) * 4
+    assert 0.8 * 80 < r["clips_per_s"] <= 1.05 * 80, r  # sleeps only overshoot
+
+
+def test_peer_cpu_time_includes_the_workers():
+    """Samples that burn 20 ms of CPU each in the workers: the window's CPU per clip holds
+    them (the main process alone spends almost nothing). 60 clips: /proc counts CPU time in
+    10 ms ticks."""
+    import time
+
+    import torch
+
+    from dali_pipes.peer import measure_peer
+
+    class Busy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32 * 2
+
+        def __getitem__(self, k):
+            t = time.process_time()
+            while time.process_time() - t < 0.02:
+                pass
+            return torch.zeros(3)
+
+    r = measure_peer(Busy(), batch_size=2, workers=2, warmup_batches=2)
+    assert 18.0 <= r["cpu_ms_per_clip"] <= 30.0, r
+
+
+def test_loader_rate_leaves_out_the_tear_down_of_a_batch_in_flight():
+    """A loader that delivers 8 clips every 50 ms and needs 0.5 s to stop an epoch (a batch in
+    flight): 160 clips/s, not the 60 that timing the tear-down reported (48 clips in 0.3 + 0.5 s)."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from dali_pipes.peer import measure_loader
+
+    class Loader:
+        def epoch(self, epoch):
+            try:
+                while True:
+                    time.sleep(0.05)
+                    yield SimpleNamespace(video=torch.zeros(8, 1))
+            finally:
+                time.sleep(0.5)
+
+    r = measure_loader(Loader(), clips=48)
+    assert r["clips"] == 48
+    assert 0.8 * 160 < r["clips_per_s"] <= 1.02 * 160, r

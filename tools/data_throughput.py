@@ -6,8 +6,9 @@ RandAugment, normalise); only the engine differs.
 
     python tools/data_throughput.py --threads 2 --workers 2 --clips 96 --rounds 5
 
-Files: VP9 320x240 clips generated once into --data (default /tmp/mt_throughput), or any
-manifest directory via --manifest.
+Files: VP9 320x240 clips generated once into --data (default /tmp/mt_throughput_scene), or
+any manifest directory via --manifest. Both engines are timed in steady state, between batch
+arrivals (`peer.Window`): start-up, warm-up batches and tear-down are outside the window.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,25 +52,6 @@ def build_cfg(manifest: Path, args):
         "train": {"seed": 0}})
 
 
-def measure_dali(loader, clips: int) -> dict:
-    """Clips/s of TrainLoader batches over `clips` clips after one warm-up batch, and the CPU
-    time per clip of this process (DALI's threads included)."""
-    n, t0, cpu0, epoch = 0, None, None, 0
-    while n < clips:
-        for batch in loader.epoch(epoch):
-            if t0 is None:
-                t0 = time.perf_counter()  # first batch: pipeline build + warm-up
-                cpu0 = time.process_time()
-                continue
-            n += batch.video.shape[0]
-            if n >= clips:
-                break
-        epoch += 1
-    return {"clips": n, "seconds": time.perf_counter() - t0,
-            "clips_per_s": n / (time.perf_counter() - t0),
-            "cpu_ms_per_clip": 1000.0 * (time.process_time() - cpu0) / n}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", help="manifest dir to read (default: generated VP9 clips)")
@@ -92,19 +73,21 @@ def main(argv=None) -> int:
 
     import torch
     from dali_pipes.loader import build_train_loader
-    from dali_pipes.peer import measure_peer, peer_dataset
+    from dali_pipes.peer import measure_loader, measure_peer, peer_dataset, warmup_rounds
 
     torch.set_num_threads(1)
     manifest = Path(args.manifest) if args.manifest else make_clips(
         Path(args.data), args.videos, args.video_frames, args.width, args.height)
     cfg = build_cfg(manifest, args)
     loader = build_train_loader(cfg, args.frames, args.crop)
-    peer_set = peer_dataset(loader, args.clips + 2 * args.batch, args.crop, cfg.data.mean,
+    warmup = warmup_rounds(2, args.workers)
+    peer_set = peer_dataset(loader, args.clips + warmup * args.batch, args.crop, cfg.data.mean,
                             cfg.data.std)
     # Alternating rounds and medians: other processes on a shared machine shift single runs.
     rounds, cpu = [], []
     for r in range(args.rounds):
-        d, p = measure_dali(loader, args.clips), measure_peer(peer_set, args.batch, args.workers)
+        d = measure_loader(loader, args.clips)
+        p = measure_peer(peer_set, args.batch, args.workers, warmup)
         dali, peer = d["clips_per_s"], p["clips_per_s"]
         rounds.append((dali, peer))
         cpu.append((d["cpu_ms_per_clip"], p["cpu_ms_per_clip"]))
