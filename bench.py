@@ -142,7 +142,7 @@ def bench_model(cfg: Config, env: runtime.Env, iters: int, warmup: int,
         optimizer.step()
 
     b = largest_batch(step, inputs, batch_search, env.device, optimizer) if batch_search \
-        else cfg.data.batch_size
+        else runtime.clips_per_batch(cfg)
     if batch_search and cfg.model.compile:
         torch._dynamo.reset()  # the search's sizes made the graph dynamic; time the static one
     batch = inputs(b)
@@ -255,14 +255,14 @@ def bench_data(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     frames, crop = runtime.input_geometry(cfg)
     loader = build_train_loader(cfg, num_frames=frames, crop_size=crop, rank=env.rank,
                                 world_size=env.world_size, device=env.device)
-    run = TimedRun("data", env.device, warmup, iters, cfg.data.batch_size)
+    run = TimedRun("data", env.device, warmup, iters, runtime.clips_per_batch(cfg))
     for _ in run.batches(loader):
         run.count()
     clips_s, _ = run.finish()
     loader.close()
     return {"clips_per_s": clips_s, "frames_per_s": clips_s * frames,
-            "batch": cfg.data.batch_size, "decode_device": decode_name(loader.decode_device),
-            "threads": cfg.data.num_threads}
+            "batch": cfg.data.batch_size, "num_sample": cfg.data.num_sample,
+            "decode_device": decode_name(loader.decode_device), "threads": cfg.data.num_threads}
 
 
 def decode_name(decode_device: str) -> str:
@@ -298,7 +298,7 @@ def bench_e2e(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     loss_fn = MultiTrainLoss(loader.names, w_proj=cfg.loss.w_proj, w_inf=cfg.loss.w_inf)
     mixup = build_batch_augment(cfg, loader.num_classes)
-    run = TimedRun("e2e", env.device, warmup, iters, cfg.data.batch_size)
+    run = TimedRun("e2e", env.device, warmup, iters, runtime.clips_per_batch(cfg))
     for k, batch in enumerate(run.batches(loader)):
         train_step(train_model, None, loss_fn, [batch], mixup, optimizer, scaler, cfg, precision,
                    np.random.default_rng(k))
@@ -373,7 +373,8 @@ def main(argv=None) -> int:
                                             tuple(int(b) for b in args.batch_search.split(",") if b)),
                "e2e": lambda: bench_e2e(cfg, env, args.iters, args.warmup)}
     for mode in args.modes:
-        runtime.log(env, f"[{mode}] {cfg.model.arch}, batch {cfg.data.batch_size}, device {env.device}")
+        runtime.log(env, f"[{mode}] {cfg.model.arch}, batch {cfg.data.batch_size} videos x "
+                         f"{cfg.data.num_sample} clips, device {env.device}")
         results[mode] = runners[mode]()
     for mode, decoder in PEER_MODES.items():  # DALI against each peer that ran
         if "data" in results and "clips_per_s" in results.get(mode, {}):

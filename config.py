@@ -59,8 +59,9 @@ class DatasetConfig:
 class DataConfig:
     # The datasets trained together; each gets its own classification head.
     datasets: list = field(default_factory=list)
-    # Clips per process and per step (the global batch is optim.global_batch, reached with
-    # gradient accumulation when batch_size x world size is smaller).
+    # Videos per process and per step (the global batch is optim.global_batch videos, reached
+    # with gradient accumulation when batch_size x world size is smaller); each video gives
+    # num_sample training clips.
     batch_size: int = 4
     # Clips per process and per step during evaluation (each clip is one video's views).
     eval_batch_size: int = 1
@@ -102,6 +103,11 @@ class DataConfig:
     rand_aug_m: float = 7.0
     # Standard deviation of each op's magnitude noise (authors: 0.5).
     rand_aug_m_std: float = 0.5
+    # Augmented clips per decoded training video (repeated augmentation: PySlowFast's
+    # AUG.NUM_SAMPLE, 2 in the MultiTrain authors' config, SPEC section 4). Each copy gets its
+    # own crop window, flip, RandAugment, erasing and mixup partner from the same decoded
+    # frames; the model sees batch_size x num_sample clips a step. 1: one clip per video.
+    num_sample: int = 2
     # Random erasing per clip (PySlowFast/timm, the MViTv2 recipe's AUG.RE_PROB 0.25, "pixel"
     # mode, one box): probability that a clip gets one box, the same on all its frames, of
     # 2-33% of the frame filled with N(0, 1) noise; 0 disables it. Runs on the training device.
@@ -328,7 +334,7 @@ _RANGES = {
     "data.target_fps": (0, None, True),
     "data.rand_aug_n": (0, 4, True), "data.rand_aug_m": (0, 10, True),  # 4: randaug.STAGES
     "data.rand_aug_m_std": (0, None, True), "data.mixup_alpha": (0, None, True),
-    "data.random_erase_prob": (0, 1, True),
+    "data.random_erase_prob": (0, 1, True), "data.num_sample": (1, 8, True),
     "data.cutmix_alpha": (0, None, True), "data.mixup_prob": (0, 1, True),
     "data.mixup_switch_prob": (0, 1, True), "data.label_smoothing": (0, 1, True),
     "model.num_frames": (0, None, True), "model.crop_size": (0, None, True),

@@ -155,6 +155,12 @@ def build_model(cfg: Config, num_classes: dict, projections: bool = True) -> Mul
                            projections=projections and cfg.loss.w_proj > 0)
 
 
+def clips_per_batch(cfg: Config) -> int:
+    """Clips one process's training batch holds: data.batch_size videos x data.num_sample
+    augmented copies each."""
+    return cfg.data.batch_size * cfg.data.num_sample
+
+
 def input_geometry(cfg: Config) -> tuple[int, int]:
     """(frames, crop) the data pipelines must produce for cfg.model: read off a backbone built on
     the meta device, so no memory is allocated and no random numbers are drawn."""

@@ -104,6 +104,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: the projection heads' group
 
 
+def repeated_note(cfg: Config) -> str:
+    n = cfg.data.num_sample
+    return f" x {n} augmented clips each (data.num_sample)" if n > 1 else ""
+
+
 def accumulation_steps(cfg: Config, world_size: int) -> int:
     per_step = cfg.data.batch_size * world_size
     if cfg.optim.global_batch % per_step:
@@ -474,7 +479,7 @@ def main(argv=None) -> int:
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else None
     train_model = torch.compile(ddp or model) if cfg.model.compile else (ddp or model)
-    micro_batch = cfg.data.batch_size * env.world_size
+    micro_batch = runtime.clips_per_batch(cfg) * env.world_size
     if cfg.loss.w_inf and micro_batch <= cfg.model.expander_dim:
         # The covariance of B clips has rank < B: with unit variances its off-diagonal term is
         # at least D_e/(B-1) - 1 (trace^2/rank - trace, over D_e), a constant of the setting.
@@ -482,12 +487,14 @@ def main(argv=None) -> int:
         runtime.log(env, f"note: the informative loss sees {micro_batch} clips per step with "
                          f"expander_dim {cfg.model.expander_dim}: its covariance term stays above "
                          f"{floor:.2f} ({cfg.loss.w_inf * cfg.loss.cov_weight * floor:.2f} of the "
-                         "loss); more clips per step (GPUs x data.batch_size) lower it")
+                         "loss); more clips per step (GPUs x data.batch_size x data.num_sample) "
+                         "lower it")
     logger = Logger(env, run_dir, resumed_step=step)
     stop = StopFlag()
     runtime.log(env, f"training {cfg.model.arch} on {', '.join(loader.names)}: {env.world_size} process(es), "
                      f"{precision}, batch {cfg.data.batch_size}x{env.world_size}x{accum} = "
-                     f"{cfg.optim.global_batch}, {steps_per_epoch} steps/epoch, {total_steps} steps")
+                     f"{cfg.optim.global_batch} videos{repeated_note(cfg)}, {steps_per_epoch} "
+                     f"steps/epoch, {total_steps} steps")
     for line in describe_data(loader):
         runtime.log(env, line)
     logger.text("config", "```\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + "```", step)

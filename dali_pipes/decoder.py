@@ -80,6 +80,7 @@ class Decoder:
         self._specs = {src: P.GraphSpec(
             mode, src, self.decode_device, crop_size, tuple(cfg.data.mean), tuple(cfg.data.std),
             rand_aug=cfg.data.rand_aug_n > 0, num_spatial=num_spatial,
+            num_sample=cfg.data.num_sample if mode == P.TRAIN else 1,
             test_scale=cfg.data.test_scale, geom_interp=self.geom_interp)
             for src in (P.BYTES, P.FRAMES)}
         self._runner_args = (batch_size, max(1, cfg.data.num_threads), device_id, cfg.train.seed)

@@ -37,6 +37,7 @@ JOIN_TIMEOUT_S = 5.0  # longest wait for a loader thread at the end of an epoch
 
 @dataclass
 class Batch:
+    # B = data.batch_size videos x data.num_sample augmented copies, each video's adjacent
     video: torch.Tensor  # (B, 3, T, H, W) float32, normalised, on the training device
     dataset_ids: torch.Tensor  # (B,) long on the training device, index into cfg.data.datasets
     labels: torch.Tensor  # (B,) long on the training device, class index in its own dataset
@@ -247,9 +248,10 @@ class TrainLoader:
                                float(probe.get("fps") or 0.0), self.cfg.data.target_fps)
         h, w = display_size(probe)
         d = self.cfg.data
-        params = P.draw_train_params(rng, h, w, self.crop_size, ds.train_aug or d.train_aug,
-                                     d.train_scale, d.rrc_area, ds.flip, d.rand_aug_n,
-                                     d.rand_aug_m, d.rand_aug_m_std, ds.inverse_scale)
+        params = P.draw_train_copies(rng, d.num_sample, h, w, self.crop_size,
+                                     ds.train_aug or d.train_aug, d.train_scale, d.rrc_area,
+                                     ds.flip, d.rand_aug_n, d.rand_aug_m, d.rand_aug_m_std,
+                                     ds.inverse_scale)
         return Item(dataset, video, sample_id, rec, idx, params, attempt)
 
     def _candidate(self, epoch: int, dataset: int, sample_id: int, attempt: int) -> int:
@@ -318,13 +320,19 @@ class TrainLoader:
             else:
                 raise RuntimeError(f"batch {step} of epoch {epoch}: {MAX_REPLACEMENTS} replacement "
                                    "videos failed in a row; check the manifests")
-        dev = self.device
-        host = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-        return Batch(video=to_device(stack_samples(videos), dev),  # (B, 3, T, crop, crop)
+        dev, copies = self.device, self.cfg.data.num_sample
+        video = stack_samples(videos)  # (B, 3, T, crop, crop) or (B, S, 3, T, crop, crop)
+        if copies > 1:
+            video = video.flatten(0, 1)  # (B*S, ...): a view, each video's copies adjacent
+
+        def host(values):  # one value per video -> (B*S,) long, repeated for its copies
+            return torch.tensor(values, dtype=torch.long).repeat_interleave(copies)
+
+        return Batch(video=to_device(video, dev),  # (B*S, 3, T, crop, crop)
                      dataset_ids=to_device(host([it.dataset for it in items]), dev),
                      labels=to_device(host([int(it.record["label"]) for it in items]), dev),
                      sample_ids=to_device(host([it.sample_id for it in items]), dev),
-                     epoch_step=step, datasets=[it.dataset for it in items])
+                     epoch_step=step, datasets=[it.dataset for it in items for _ in range(copies)])
 
     # ---------------------------------------------------------------------- iteration ---
     def epoch(self, epoch: int, should_stop: Optional[Callable[[], bool]] = None

@@ -82,11 +82,15 @@ class PeerDataset(torch.utils.data.Dataset):
         return self.num_samples
 
     def __getitem__(self, k: int) -> torch.Tensor:
+        """(3, T, crop, crop), or (S, 3, T, crop, crop) for S augmented copies of the video."""
+        from dali_pipes.pipeline import copy_params, num_copies
         it = self.make_item(k)
         probe = it.record["probe"]
         frames = decode_clip(self.decoder, it.record["path"], it.indices,
                              int(probe.get("stream_index", 0)), int(probe.get("rotation", 0) or 0))
-        return augment_clip(frames, it.params, self.crop, self.mean, self.std, self.geom_interp)
+        clips = [augment_clip(frames, copy_params(it.params, c), self.crop, self.mean, self.std,
+                              self.geom_interp) for c in range(num_copies(it.params))]
+        return clips[0] if len(clips) == 1 else torch.stack(clips)
 
 
 def _one_thread(_worker: int) -> None:
@@ -164,7 +168,8 @@ def measure_peer(dataset: PeerDataset, batch_size: int, workers: int = 2,
     first = warmup_rounds(warmup_batches, workers) - 1
     for i, batch in enumerate(it):
         if i >= first:
-            window.tick(batch.shape[0])
+            # (B, 3, T, H, W), or (B, S, 3, T, H, W) with S augmented copies of each video
+            window.tick(batch.shape[0] * (batch.shape[1] if batch.dim() == 6 else 1))
     return window.result()
 
 

@@ -33,6 +33,7 @@ class GraphSpec:
     mean: tuple
     std: tuple
     rand_aug: bool = True  # train only: graph contains the RandAugment branches
+    num_sample: int = 1  # train only: augmented copies of each decoded clip (data.num_sample)
     num_spatial: int = 1  # eval only: crops per decoded clip union
     test_scale: int = 256  # eval only: short side before the crops
     # Resampling of RandAugment's geometric ops. DALI 2.4's CPU warp_affine is ~6x slower
@@ -56,6 +57,33 @@ def dedup_indices(indices) -> tuple[np.ndarray, np.ndarray]:
     its position among them (the graphs' "indices"/"frames" and "order" inputs)."""
     unique, order = np.unique(np.asarray(indices), return_inverse=True)
     return unique.astype(np.int32), order.reshape(-1).astype(np.int32)
+
+
+def copy_name(name: str, copy: int) -> str:
+    """Graph input name of per-sample parameter `name` for augmented copy `copy` (repeated
+    augmentation: copy 0 keeps the plain name)."""
+    return name if copy == 0 else f"{name}@{copy}"
+
+
+def copy_params(params: dict, copy: int) -> dict:
+    """The plain-named parameters of one augmented copy, out of a sample's inputs."""
+    suffix = "" if copy == 0 else f"@{copy}"
+    return {k[:len(k) - len(suffix)] if suffix else k: v for k, v in params.items()
+            if (k.endswith(suffix) if suffix else "@" not in k)}
+
+
+def num_copies(params: dict) -> int:
+    return 1 + max((int(k.rsplit("@", 1)[1]) for k in params if "@" in k), default=0)
+
+
+def draw_train_copies(rng: np.random.Generator, copies: int, *args, **kwargs) -> dict:
+    """`copies` independent draws of draw_train_params(rng, *args, **kwargs), named by
+    copy_name (the first copy draws exactly what a single clip would)."""
+    params: dict = {}
+    for c in range(copies):
+        params.update({copy_name(k, c): v for k, v in
+                       draw_train_params(rng, *args, **kwargs).items()})
+    return params
 
 
 def draw_train_params(rng: np.random.Generator, height: int, width: int, crop: int,
@@ -157,7 +185,14 @@ def _frames_input(spec: GraphSpec):
     return frames.gpu() if spec.on_gpu else frames
 
 
-def _expand(x):
+def _order_inputs():
+    """The "order" (F,) int32 and "repeats" () bool inputs of `_expand`."""
+    from nvidia.dali import fn, types
+    return (fn.external_source(name="order", dtype=types.INT32, ndim=1),
+            fn.external_source(name="repeats", dtype=types.BOOL, ndim=0))
+
+
+def _expand(x, order, repeats):
     """Distinct decoded frames (U, H, W, C) -> the clip's frames in order (F, H, W, C).
 
     Short videos repeat frame indices (a 90-frame clip sampled 32x3); DALI re-seeks for every
@@ -166,10 +201,8 @@ def _expand(x):
     repeats take the gather (a per-sample branch): on the CPU it costs ~3 ms a 16x224² clip,
     15% of the graph, for nothing when every frame is distinct.
     """
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
 
-    order = fn.external_source(name="order", dtype=types.INT32, ndim=1)
-    repeats = fn.external_source(name="repeats", dtype=types.BOOL, ndim=0)
     if repeats:
         x = fn.sequence_rearrange(x, new_order=order)
     return x
@@ -192,23 +225,38 @@ def _normalise(x, spec: GraphSpec, **crop_args):
 
 
 def _train_graph(frames, spec: GraphSpec):
+    """(3, F, crop, crop), or (S, 3, F, crop, crop) with S = spec.num_sample copies."""
+    from nvidia.dali import fn
+
+    order, repeats = _order_inputs()
+    clips = [_train_copy(frames, spec, c, order, repeats) for c in range(spec.num_sample)]
+    # Video-major, as PySlowFast's multiple_samples_collate orders repeated augmentations.
+    return clips[0] if len(clips) == 1 else fn.stack(*clips)
+
+
+def _train_copy(frames, spec: GraphSpec, copy: int, order, repeats):
+    """One augmented copy of the decoded frames, from its own named parameter inputs."""
     from nvidia.dali import fn, types
 
-    start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
-    end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
-    mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+    def param(name, dtype, ndim):
+        return fn.external_source(name=copy_name(name, copy), dtype=dtype, ndim=ndim)
+
+    start, end = param("roi_start", types.FLOAT, 1), param("roi_end", types.FLOAT, 1)
+    mirror = param("mirror", types.INT32, 0)
     # (F, crop, crop, 3): only the crop window is resampled; one window for all frames.
     x = fn.resize(frames, size=[spec.crop_size, spec.crop_size], roi_start=start, roi_end=end,
                   roi_relative=True, interp_type=types.INTERP_LINEAR, antialias=False)
     if spec.rand_aug:
-        x = randaug.apply_dali(x, randaug.dali_param_inputs(), spec.on_gpu, spec.geom_interp)
-    return _normalise(_expand(x), spec, mirror=mirror)  # (3, F, crop, crop)
+        x = randaug.apply_dali(x, randaug.dali_param_inputs(lambda n: copy_name(n, copy)),
+                               spec.on_gpu, spec.geom_interp)
+    return _normalise(_expand(x, order, repeats), spec, mirror=mirror)  # (3, F, crop, crop)
 
 
 def _eval_graph(frames, spec: GraphSpec):
     from nvidia.dali import fn, types
 
-    x = _expand(fn.resize(frames, resize_shorter=spec.test_scale, interp_type=types.INTERP_LINEAR))
+    x = _expand(fn.resize(frames, resize_shorter=spec.test_scale, interp_type=types.INTERP_LINEAR),
+                *_order_inputs())
     views = []
     for k in range(spec.num_spatial):
         py = fn.external_source(name=f"crop_y{k}", dtype=types.FLOAT, ndim=0)

@@ -216,10 +216,12 @@ def stage_params(op: str, arg, size: int, frame_hw: tuple | None = None,
 
 # ----------------------------------------------------------------------------------- DALI ---
 
-def dali_param_inputs() -> dict:
-    """One external_source per parameter (CPU, per-sample)."""
+def dali_param_inputs(rename=None) -> dict:
+    """One external_source per parameter (CPU, per-sample), keyed by the plain name; `rename`
+    gives the input's graph name (one set per augmented copy)."""
     from nvidia.dali import fn
-    return {name: fn.external_source(name=name, dtype=_dali_dtype(dt), ndim=len(shape))
+    return {name: fn.external_source(name=rename(name) if rename else name,
+                                     dtype=_dali_dtype(dt), ndim=len(shape))
             for name, (dt, shape) in PARAM_SPECS.items()}
 
 

@@ -45,9 +45,11 @@ def entry(videos, name, label):
 
 
 def make_cfg(tmp_path, datasets, **data):
+    """A small CPU config; one clip per video (num_sample 1) unless a test asks for copies."""
     raw = {"data": {"datasets": datasets, "batch_size": 4, "num_threads": 2, "prefetch": 2,
                     "train_scale": [36, 44], "test_scale": 36, "crop_size": CROP,
-                    "rand_aug_n": 2, "decode_device": "cpu", "fallback_workers": 2, **data},
+                    "rand_aug_n": 2, "decode_device": "cpu", "fallback_workers": 2,
+                    "num_sample": 1, **data},
            "train": {"seed": 3}}
     return config_from_dict(raw, check_paths=True)
 

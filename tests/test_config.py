@@ -89,6 +89,16 @@ def test_multi_yaml_is_the_paper_recipe():
     assert all(d.stride == 3 for d in cfg.data.datasets if d.sampling == "stride")
     assert cfg.data.train_scale == [256, 320] and cfg.data.test_scale == 256
     assert (cfg.loss.w_proj, cfg.loss.w_inf) == (1.0, 0.1)
+    # the authors' AUG.NUM_SAMPLE 2 and TRAIN.BATCH_SIZE in videos (64 x 8 accumulated = 512)
+    assert cfg.data.num_sample == 2 and cfg.data.batch_size == 2
+
+
+@pytest.mark.parametrize("name,copies", [("k400", 2), ("mit", 2), ("activitynet", 2), ("ssv2", 1)])
+def test_baselines_repeat_augmentation_as_pyslowfast_mvitv2(name, copies):
+    """configs/Kinetics/MVITv2_B_32x3.yaml has AUG.NUM_SAMPLE 2, configs/SSv2/MVITv2_B_32x3.yaml 1;
+    the clips per GPU micro-step stay 4 either way (the memory the configs were sized for)."""
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", check_paths=False)
+    assert cfg.data.num_sample == copies and cfg.data.batch_size * copies == 4
 
 
 @pytest.mark.parametrize("override,message", [
@@ -102,6 +112,7 @@ def test_multi_yaml_is_the_paper_recipe():
     ("optim.betas=[0.9,1.5]", r"'optim.betas': expected two values in \[0, 1\)"),
     ("data.train_scale=[320]", r"'data.train_scale': expected a list of 2 ints"),
     ("train.log_every=-1", r"'train.log_every': -1 is out of range"),
+    ("data.num_sample=0", r"'data.num_sample': 0 is out of range; expected >= 1 and <= 8"),
 ])
 def test_values_out_of_range_or_shape_are_config_errors(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

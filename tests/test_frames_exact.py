@@ -48,7 +48,9 @@ def config(manifest, **data):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_batches_hold_the_sampled_frames_of_the_right_clip(indexed, device):
+    """Every row, both augmented copies of each video (the default data.num_sample 2)."""
     loader = build_train_loader(config(indexed), T, SIZE, device=torch.device(device))
+    assert loader.cfg.data.num_sample == 2
     order = {int(s): (int(d), int(v)) for d, v, s in loader.sampler.global_order(0)}
     rows = 0
     for batch in loader.epoch(0):
@@ -60,7 +62,7 @@ def test_training_batches_hold_the_sampled_frames_of_the_right_clip(indexed, dev
             assert clip_id_of(frames[0]) == v == batch.labels[k].item()
             rows += 1
     loader.close()
-    assert rows == len(CLIPS) and loader.num_quarantined == 0
+    assert rows == 2 * len(CLIPS) and loader.num_quarantined == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dali_pipes import pipeline as P
 from dali_pipes.loader import build_eval_loader, build_train_loader
 
 from helpers import CROP, T, break_file, entry, make_cfg, probe, write_manifest
@@ -78,6 +79,33 @@ def test_same_sample_id_same_clip_wherever_it_sits_in_a_batch(tmp_path, two_data
     d = build_train_loader(cfg, T, CROP)
     assert not torch.equal(d.build_batch(1, 0, rows[:1]).video[0], a.video[0])  # next epoch
     d.close()
+
+
+def test_repeated_augmentation_gives_each_video_its_own_copies(tmp_path, two_datasets):
+    """data.num_sample 2 (PySlowFast's AUG.NUM_SAMPLE, the authors' recipe): a video's two
+    clips sit next to each other with its label and sample id, and each is exactly the clip a
+    one-copy graph makes from that copy's own parameters (window, flip, RandAugment), through
+    DALI's decoder and the PyAV fallback alike; copy 0 is the clip of num_sample 1."""
+    from dataclasses import replace
+    rows = np.array([[0, 0, 10], [1, 3, 11], [0, 2, 13]])  # row 1: the fallback
+    two = build_train_loader(make_cfg(tmp_path, two_datasets, num_sample=2), T, CROP)
+    a = two.build_batch(0, 0, rows)
+    items = [two.make_item(0, int(d), int(v), int(s)) for d, v, s in rows]
+    two.close()
+    assert a.video.shape == (6, 3, T, CROP, CROP)
+    assert a.sample_ids.tolist() == [10, 10, 11, 11, 13, 13] and a.datasets == [0, 0, 1, 1, 0, 0]
+    assert a.dataset_ids.tolist() == a.datasets and a.labels[0::2].tolist() == a.labels[1::2].tolist()
+    one = build_train_loader(make_cfg(tmp_path, two_datasets, num_sample=1), T, CROP)
+    plain = one.build_batch(0, 0, rows)
+    for c in range(2):
+        copies = [replace(it, params=P.copy_params(it.params, c)) for it in items]
+        b = one.build_batch(0, 0, rows, items=copies)
+        for k in range(3):
+            assert torch.equal(a.video[2 * k + c], b.video[k]), (c, k)
+    one.close()
+    assert torch.equal(a.video[0::2], plain.video)  # the first copy draws what one clip draws
+    for k in range(3):
+        assert not torch.equal(a.video[2 * k], a.video[2 * k + 1]), k  # augmented apart
 
 
 def test_corrupt_files_quarantined_and_replaced(tmp_path, videos):

@@ -40,15 +40,17 @@ def test_two_process_gloo_training_then_eval(demo_root):
     run_dir = demo_root / "runs" / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), "--cfg", str(DEMO), f"train.output_dir={run_dir}", "train.max_steps=3",
-           "data.batch_size=2", "optim.global_batch=8", "train.ckpt_every=2", "train.keep_ckpts=2", *FAST]
+           "data.batch_size=2", "optim.global_batch=8", "train.ckpt_every=2", "train.keep_ckpts=2",
+           "data.num_sample=2", *FAST]  # the recipe's repeated augmentation (the demo has 1)
     r = run(cmd, demo_root)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "2 process(es)" in r.stdout and "2x2x2 = 8" in r.stdout  # batch 2 x 2 ranks x 2 accumulated
+    assert "2 process(es)" in r.stdout  # batch 2 videos x 2 ranks x 2 accumulated, 2 clips each
+    assert "2x2x2 = 8 videos x 2 augmented clips each" in r.stdout
 
     ckpts = runtime.list_checkpoints(str(run_dir))
     assert [os.path.basename(p) for p in ckpts] == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
     state = runtime.load_checkpoint(ckpts[-1])  # weights_only=True
-    # 3 steps x 2 accumulated x (2 clips x 2 ranks): the position is in global samples
+    # 3 steps x 2 accumulated x (2 videos x 2 ranks): the position is in global samples (videos)
     assert state["step"] == 3 and state["loader"] == {"epoch": 0, "samples": 24, "quarantined": 0}
     assert set(state["meta"]["classes"]) == {"shapecolor", "shape", "color", "direction"}
     # the 12 projection heads W_{s->d} of 4 datasets, named as models/heads.py names them
@@ -86,7 +88,7 @@ def test_two_process_gloo_training_then_eval(demo_root):
     r = run([arg if not arg.startswith("train.output_dir=") else f"train.output_dir={resumed}"
              for arg in cmd] + NO_VAL, demo_root)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "at step 2" in r.stdout and "2x2x2 = 8" in r.stdout
+    assert "at step 2" in r.stdout and "2x2x2 = 8 videos" in r.stdout
     again = metrics(resumed)
     assert sorted(again) == [3]
     for key in ("loss/total", "loss/cls", "loss/proj", "loss/inf", "grad_norm"):

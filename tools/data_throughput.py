@@ -48,7 +48,7 @@ def build_cfg(manifest: Path, args):
         "data": {"datasets": [{"name": "bench", "manifest": str(manifest), "stride": args.stride}],
                  "batch_size": args.batch, "num_threads": args.threads, "prefetch": 2,
                  "decode_device": "cpu", "crop_size": args.crop, "fallback_workers": args.workers,
-                 "rand_aug_n": args.rand_aug_n},
+                 "rand_aug_n": args.rand_aug_n, "num_sample": args.num_sample},
         "train": {"seed": 0}})
 
 
@@ -67,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the peer")
     ap.add_argument("--rand-aug-n", type=int, default=4)
+    ap.add_argument("--num-sample", type=int, default=2,
+                    help="augmented clips per decoded video (data.num_sample, the recipe's 2: "
+                         "both engines decode once for both clips; 1: a clip per video)")
     ap.add_argument("--clips", type=int, default=96, help="clips timed per engine and round")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
     ratio = float(np.median([d / p for d, p in rounds]))
     cpu_dali, cpu_peer = (float(np.median([x[k] for x in cpu])) for k in (0, 1))
     print(f"files: {manifest} | clip {args.frames}x{args.stride}, crop {args.crop}, batch "
-          f"{args.batch}, RandAugment n={args.rand_aug_n} (geometry: {loader.geom_interp}), "
+          f"{args.batch} videos x {args.num_sample} clips, RandAugment n={args.rand_aug_n} "
+          f"(geometry: {loader.geom_interp}), "
           f"DALI threads {args.threads}, peer workers {args.workers}, {args.clips} clips/round")
     print(f"DALI  : {dali:7.1f} clips/s (median of {args.rounds} rounds)")
     print(f"peer  : {peer:7.1f} clips/s [PyAV + torch DataLoader, same files and parameters]")

@@ -125,7 +125,9 @@ def write_config(path: Path, manifest: Path, arch: str, batch: int, threads: int
     from config import config_to_dict, load_config
     cfg = config_to_dict(load_config(ROOT / "configs" / "multi.yaml", check_paths=False))
     cfg["data"]["datasets"] = [{"name": "k400like", "manifest": str(manifest), "stride": 3}]
-    cfg["data"].update(batch_size=batch, num_threads=threads, fallback_workers=threads)
+    # One clip per video: batch sizes here (searched, then reused) are the model's clips.
+    cfg["data"].update(batch_size=batch, num_threads=threads, fallback_workers=threads,
+                       num_sample=1)
     cfg["model"].update(arch=arch, pretrained="", num_frames=frames, crop_size=crop)
     cfg["optim"]["global_batch"] = batch
     cfg["train"]["output_dir"] = str(path.parent / "runs")
