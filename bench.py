@@ -306,7 +306,8 @@ def bench_e2e(cfg: Config, env: runtime.Env, iters: int, warmup: int) -> dict:
     clips_s, wait = run.finish()
     loader.close()
     return {"clips_per_s": clips_s, "data_wait_frac": wait, "precision": precision,
-            "batch": cfg.data.batch_size, "decode_device": decode_name(loader.decode_device)}
+            "batch": cfg.data.batch_size, "num_sample": cfg.data.num_sample,
+            "decode_device": decode_name(loader.decode_device)}
 
 
 def versions() -> dict:

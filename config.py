@@ -104,10 +104,11 @@ class DataConfig:
     # Standard deviation of each op's magnitude noise (authors: 0.5).
     rand_aug_m_std: float = 0.5
     # Augmented clips per decoded training video (repeated augmentation: PySlowFast's
-    # AUG.NUM_SAMPLE, 2 in the MultiTrain authors' config, SPEC section 4). Each copy gets its
-    # own crop window, flip, RandAugment, erasing and mixup partner from the same decoded
-    # frames; the model sees batch_size x num_sample clips a step. 1: one clip per video.
-    num_sample: int = 2
+    # AUG.NUM_SAMPLE, default 1; 2 in the MultiTrain authors' config (SPEC section 4), which
+    # multi.yaml and the Kinetics-recipe baselines set). Each copy gets its own crop window,
+    # flip, RandAugment, erasing and mixup partner from the same decoded frames; the model sees
+    # batch_size x num_sample clips a step.
+    num_sample: int = 1
     # Random erasing per clip (PySlowFast/timm, the MViTv2 recipe's AUG.RE_PROB 0.25, "pixel"
     # mode, one box): probability that a clip gets one box, the same on all its frames, of
     # 2-33% of the frame filled with N(0, 1) noise; 0 disables it. Runs on the training device.

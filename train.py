@@ -104,6 +104,36 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: the projection heads' group
 
 
+# What a resumed run should not change without being told: how much a step trains on and how.
+RECIPE_KEYS = (("data", "batch_size", None), ("data", "num_sample", 1), ("optim", "global_batch", None),
+               ("optim", "lr", None), ("optim", "epochs", None), ("model", "arch", None))
+
+
+def recipe_changes(saved: dict, cfg: Config) -> list[str]:
+    """Notes on recipe settings that differ from the checkpoint's config (a key the
+    checkpoint predates counts as its default then)."""
+    lines = []
+    for section, key, default in RECIPE_KEYS:
+        before = (saved.get(section) or {}).get(key, default)
+        now = getattr(getattr(cfg, section), key)
+        if before is not None and before != now:
+            lines.append(f"note: {section}.{key} is {now!r} in this run, {before!r} in the "
+                         "checkpoint's: training continues with the new value")
+    return lines
+
+
+def mixup_pairs_note(cfg: Config) -> list[str]:
+    """Mixup pairs clip i with clip B-1-i of a process's batch; with copies of an odd number of
+    videos the middle video's copies are partners (all of them with one video a batch)."""
+    d = cfg.data
+    mixing = d.mixup_prob > 0 and (d.mixup_alpha > 0 or d.cutmix_alpha > 0)
+    if d.num_sample > 1 and mixing and d.batch_size % 2:
+        return [f"note: data.batch_size {d.batch_size} is odd with data.num_sample {d.num_sample}: "
+                "mixup pairs the middle video's copies with each other (as PySlowFast does); an "
+                "even data.batch_size gives every clip a partner from another video"]
+    return []
+
+
 def repeated_note(cfg: Config) -> str:
     n = cfg.data.num_sample
     return f" x {n} augmented clips each (data.num_sample)" if n > 1 else ""
@@ -474,6 +504,8 @@ def main(argv=None) -> int:
         step, epoch, nonfinite = state["step"], state["epoch"], state["nonfinite"]
         eval_pending = bool(state.get("eval_pending"))
         runtime.log(env, f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+        for line in recipe_changes(state.get("config") or {}, cfg):
+            runtime.log(env, line)
     if env.is_main:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
@@ -495,7 +527,7 @@ def main(argv=None) -> int:
                      f"{precision}, batch {cfg.data.batch_size}x{env.world_size}x{accum} = "
                      f"{cfg.optim.global_batch} videos{repeated_note(cfg)}, {steps_per_epoch} "
                      f"steps/epoch, {total_steps} steps")
-    for line in describe_data(loader):
+    for line in describe_data(loader) + mixup_pairs_note(cfg):
         runtime.log(env, line)
     logger.text("config", "```\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + "```", step)
     logger.routes(loader, step)

@@ -23,7 +23,8 @@ _RULES = [
     (r"out of memory|CUDA_ERROR_OUT_OF_MEMORY|cudaErrorMemoryAllocation|std::bad_alloc"
      r"|MemoryError|Cannot allocate memory",
      "out of memory while decoding or augmenting",
-     "lower data.batch_size, data.num_threads or data.prefetch, or free memory on the device"),
+     "lower data.batch_size, data.num_sample, data.num_threads or data.prefetch, or free "
+     "memory on the device"),
     (r"libnvcuvid|nvcuvid\.so|Failed to load.*cuvid|NVCUVID",
      "the NVDEC library is missing", NVCUVID_FIX),
     # Not "Failed to create video decoder": DALI's CPU decoder says that of a corrupt file.

@@ -178,3 +178,43 @@ def test_loader_rate_leaves_out_the_tear_down_of_a_batch_in_flight():
     r = measure_loader(Loader(), clips=48)
     assert r["clips"] == 48
     assert 0.8 * 160 < r["clips_per_s"] <= 1.02 * 160, r
+
+
+def test_peer_makes_each_videos_copies_as_the_graph_does(tmp_path, videos):
+    """With data.num_sample 2 the peer decodes a video once and returns its 2 clips, copy c
+    from copy c's parameters: each is the DALI loader's copy c to resampling differences
+    (1-2 levels here), far from the other copy (~50)."""
+    from dali_pipes.loader import build_train_loader
+    from dali_pipes.peer import peer_dataset
+    from helpers import CROP, T, entry, make_cfg, write_manifest
+    a = write_manifest(tmp_path / "a", [entry(videos, "derived_juggle_vp9.webm", 0),
+                                        entry(videos, "bbb_vp8_vorbis_1s.webm", 1)])
+    cfg = make_cfg(tmp_path, [{"name": "dali", "manifest": str(a)}], num_sample=2, batch_size=2)
+    loader = build_train_loader(cfg, T, CROP)
+    peer = peer_dataset(loader, 2, CROP, cfg.data.mean, cfg.data.std)
+    batch = loader.build_batch(0, 0, loader.sampler.global_order(0)[:2])
+    loader.close()
+    for k in range(2):
+        clips = peer[k]
+        assert clips.shape == (2, 3, T, CROP, CROP)
+        for c in range(2):
+            for other in range(2):
+                diff = ((clips[c] - batch.video[2 * k + other]).abs() * cfg.data.std[0]).mean()
+                assert (diff < 4.0) if other == c else (diff > 10.0), (k, c, other, diff)
+
+
+def test_peer_rate_counts_every_copy():
+    """Batches of (videos, copies, 3, T, H, W): clips/s counts videos x copies."""
+    import torch
+
+    from dali_pipes.peer import measure_peer
+
+    class Copies(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10 * 2
+
+        def __getitem__(self, k):
+            return torch.zeros(2, 3, 1, 1, 1)  # 2 copies of a video
+
+    r = measure_peer(Copies(), batch_size=2, workers=0, warmup_batches=2)
+    assert r["clips"] == 8 * 2 * 2  # batches 2..9 counted, 2 videos of 2 copies each

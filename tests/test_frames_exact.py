@@ -48,9 +48,8 @@ def config(manifest, **data):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_batches_hold_the_sampled_frames_of_the_right_clip(indexed, device):
-    """Every row, both augmented copies of each video (the default data.num_sample 2)."""
-    loader = build_train_loader(config(indexed), T, SIZE, device=torch.device(device))
-    assert loader.cfg.data.num_sample == 2
+    """Every row, both augmented copies of each video (data.num_sample 2, the recipe's)."""
+    loader = build_train_loader(config(indexed, num_sample=2), T, SIZE, device=torch.device(device))
     order = {int(s): (int(d), int(v)) for d, v, s in loader.sampler.global_order(0)}
     rows = 0
     for batch in loader.epoch(0):

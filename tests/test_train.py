@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import runtime
-from config import load_config
+from config import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -320,3 +320,30 @@ def test_step_stats_average_finite_steps_and_count_runs():
         stats.add({"total": t(float("inf"))}, t(False))
     means, skipped, worst, run = stats.read()
     assert means == {} and skipped == 3 and worst == 3 and run == 3
+
+
+def data_cfg(**data):
+    return config_from_dict({"data": {"datasets": [{"name": "a", "manifest": "m"}], **data}},
+                            check_paths=False)
+
+
+def test_resume_says_which_recipe_settings_changed():
+    """A checkpoint from before data.num_sample existed counts as 1 clip per video."""
+    import train
+    cfg = data_cfg(num_sample=2, batch_size=2)
+    saved = {"data": {"batch_size": 4}, "optim": {"global_batch": cfg.optim.global_batch}}
+    lines = train.recipe_changes(saved, cfg)
+    assert len(lines) == 2
+    assert "data.batch_size is 2 in this run, 4 in the checkpoint's" in lines[0]
+    assert "data.num_sample is 2 in this run, 1 in the checkpoint's" in lines[1]
+    from config import config_to_dict
+    assert train.recipe_changes(config_to_dict(cfg), cfg) == []
+
+
+def test_mixup_with_copies_of_an_odd_number_of_videos_is_said():
+    import train
+    note = train.mixup_pairs_note
+    assert note(data_cfg(num_sample=2, batch_size=3))
+    assert not note(data_cfg(num_sample=2, batch_size=2))
+    assert not note(data_cfg(num_sample=1, batch_size=3))
+    assert not note(data_cfg(num_sample=2, batch_size=3, mixup_prob=0.0))

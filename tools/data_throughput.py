@@ -84,7 +84,9 @@ def main(argv=None) -> int:
     cfg = build_cfg(manifest, args)
     loader = build_train_loader(cfg, args.frames, args.crop)
     warmup = warmup_rounds(2, args.workers)
-    peer_set = peer_dataset(loader, args.clips + warmup * args.batch, args.crop, cfg.data.mean,
+    # The peer's dataset counts videos: each gives num_sample clips.
+    videos = -(-args.clips // args.num_sample) + warmup * args.batch
+    peer_set = peer_dataset(loader, videos, args.crop, cfg.data.mean,
                             cfg.data.std)
     # Alternating rounds and medians: other processes on a shared machine shift single runs.
     rounds, cpu = [], []
