@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"nvidia-smi", "model", "model_compile", "model_ckpt", "model_ckpt_compile", "clips",
-         "manifest", "doctor", "data", "data-peer", "e2e", "pytest-gpu"}
+         "manifest", "doctor", "data", "data-repeated", "data-peer", "e2e", "pytest-gpu"}
 
 
 def test_gpu_check_dry_run_records_every_step(tmp_path):
@@ -22,7 +22,8 @@ def test_gpu_check_dry_run_records_every_step(tmp_path):
     assert model["act_checkpoint"] is True and model["batch"] == 4  # the batch search's pick
     assert steps["model_ckpt_compile"]["cmd"].endswith("data.batch_size=4")
     assert steps["data"]["results"]["data"]["clips_per_s"] > 0
+    assert steps["data-repeated"]["results"]["data"]["num_sample"] == 2
     assert steps["e2e"]["results"]["e2e"]["decode_device"] == "cpu"
     assert steps["doctor"]["results"]["routing"]["summary"]["nvdec"] == 4  # hopper plan: H.264
     log = (tmp_path / "gpu_check.log").read_text()
-    assert "done: 12/12 steps ok" in log
+    assert "done: 13/13 steps ok" in log
