@@ -116,12 +116,10 @@ class Window:
         self.t_first = self.t_last = None
         self.cpu_first = self.cpu_last = None
         self.clips = 0  # counted: arrivals after the first
-        self.arrivals = 0
 
     def tick(self, clips: int) -> None:
         now = time.perf_counter()
         cpu = self.cpu_seconds() if self.cpu_seconds is not None else None
-        self.arrivals += 1
         if self.t_first is None:
             self.t_first, self.cpu_first = now, cpu
         else:

@@ -65,15 +65,20 @@ def copy_name(name: str, copy: int) -> str:
     return name if copy == 0 else f"{name}@{copy}"
 
 
+def split_copy(name: str) -> tuple[str, int]:
+    """copy_name's inverse: (plain name, copy)."""
+    base, _, copy = name.partition("@")
+    return base, int(copy or 0)
+
+
 def copy_params(params: dict, copy: int) -> dict:
     """The plain-named parameters of one augmented copy, out of a sample's inputs."""
-    suffix = "" if copy == 0 else f"@{copy}"
-    return {k[:len(k) - len(suffix)] if suffix else k: v for k, v in params.items()
-            if (k.endswith(suffix) if suffix else "@" not in k)}
+    named = (split_copy(k) + (v,) for k, v in params.items())
+    return {base: v for base, c, v in named if c == copy}
 
 
 def num_copies(params: dict) -> int:
-    return 1 + max((int(k.rsplit("@", 1)[1]) for k in params if "@" in k), default=0)
+    return 1 + max((split_copy(k)[1] for k in params), default=0)
 
 
 def draw_train_copies(rng: np.random.Generator, copies: int, *args, **kwargs) -> dict:

@@ -19,15 +19,17 @@ META = torch.device("meta")
 
 
 def test_training_step_on_a_stand_in_device(tmp_path, two_datasets):
-    """loader batch -> mixup -> model -> loss -> backward -> clip -> optimizer, all on meta."""
+    """loader batch -> mixup -> model -> loss -> backward -> clip -> optimizer, all on meta,
+    with the recipe's two augmented clips per video."""
     from train import build_batch_augment, build_optimizer, train_step
-    cfg = make_cfg(tmp_path, two_datasets, mixup_prob=1.0, cutmix_alpha=0.0)
+    cfg = make_cfg(tmp_path, two_datasets, mixup_prob=1.0, cutmix_alpha=0.0, num_sample=2)
     cfg.model.arch, cfg.model.head_hidden, cfg.model.expander_hidden = "mvitv2_tiny", 16, 16
     cfg.model.expander_dim, cfg.model.num_frames, cfg.model.crop_size = 8, T, CROP
     loader = build_train_loader(cfg, T, CROP, device=META)
     batch = next(iter(loader.epoch(0)))  # 3 DALI-decoded clips and 1 from the PyAV fallback
     loader.close()
     assert [t.device for t in batch.tensors()] == [META] * 4
+    assert batch.video.shape[0] == batch.labels.shape[0] == 8  # 4 videos x 2 copies
     with torch.device("meta"):
         model = runtime.build_model(cfg, loader.num_classes)
     optimizer = build_optimizer(cfg, model, META)
