@@ -94,6 +94,8 @@ def run_cli(main) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # more presses: no traceback on the way out
         print("interrupted: exiting without saving", file=sys.stderr)
         sys.exit(130)
 
